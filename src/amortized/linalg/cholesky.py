@@ -1,0 +1,31 @@
+"""Batched Cholesky that reports failure per matrix instead of raising.
+
+torch 2.13's batched LU is unreliable with several MKL threads for n ≳ 150 (DESIGN.md);
+every system we factor is symmetric positive definite after elimination, so Cholesky is
+both the fast and the safe choice.
+"""
+
+import torch
+from torch import Tensor
+
+
+def cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
+    """Factor M = L Lᵀ for a batch of symmetric matrices.
+
+    M: (..., n, n). Returns L (..., n, n) and ok (...,) bool. Where ok is False the
+    factorization failed (M not numerically positive definite or not finite); that L is the
+    identity so that solves with it stay finite and the caller decides what to do.
+    """
+    L, info = torch.linalg.cholesky_ex(M)
+    ok = (info == 0) & torch.isfinite(L).flatten(-2).all(-1)
+    if not bool(ok.all()):
+        eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
+        L = torch.where(ok[..., None, None], L, eye)
+    return L, ok
+
+
+def cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
+    """Solve L Lᵀ x = r. L: (..., n, n); r: (..., n) or (..., n, k) with k columns."""
+    if r.dim() == L.dim() - 1:
+        return torch.cholesky_solve(r.unsqueeze(-1), L).squeeze(-1)
+    return torch.cholesky_solve(r, L)

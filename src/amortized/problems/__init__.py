@@ -1,0 +1,1 @@
+"""Concrete problem families that reproduce the seeds."""

@@ -1,0 +1,125 @@
+"""Validation and broadcasting of QP data
+
+    minimize ½ zᵀQz + pᵀz   subject to   Gz ≤ h,  Az = b.
+
+Every argument may carry a leading batch dimension or omit it (shared by the batch).
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+
+@dataclass(frozen=True)
+class QPData:
+    """Validated QP data, every tensor expanded (as a view) to the batch size B.
+    Q (B,n,n) symmetrized, p (B,n), G (B,m,n), h (B,m), A (B,q,n), b (B,q)."""
+
+    Q: Tensor
+    p: Tensor
+    G: Tensor
+    h: Tensor
+    A: Tensor
+    b: Tensor
+
+    @property
+    def shape(self) -> tuple[int, int, int, int]:
+        """(B, n, m, q): batch size, variables, inequalities, equalities."""
+        B, n = self.p.shape
+        return B, n, self.G.shape[-2], self.A.shape[-2]
+
+
+def _check(name: str, x: Tensor, core: tuple[int, ...], expected: str) -> int | None:
+    """Check x has shape core or (B, *core); return B (None when no batch dimension)."""
+    if x.shape == core:
+        return None
+    if x.dim() == len(core) + 1 and tuple(x.shape[1:]) == core:
+        return x.shape[0]
+    raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {expected}")
+
+
+def _is_empty(x: Tensor | None) -> bool:
+    return x is None or x.numel() == 0
+
+
+def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
+    """Validate and broadcast. Returns the data and a (B,) bool mask of problems whose data
+    are all finite (the others must be reported NUMERICAL by the caller).
+
+    Empty tensors count as absent constraints (qpth's convention)."""
+    if not isinstance(Q, Tensor) or not isinstance(p, Tensor):
+        raise TypeError("Q and p must be torch tensors")
+    if p.dim() not in (1, 2):
+        raise ValueError(f"p has shape {tuple(p.shape)}; expected (n,) or (B, n)")
+    n = p.shape[-1]
+    if n == 0:
+        raise ValueError("p has zero variables")
+    tensors = {"Q": Q, "p": p}
+    for name, (M, r) in {"G/h": (G, h), "A/b": (A, b)}.items():
+        if _is_empty(M) != _is_empty(r):
+            raise ValueError(f"{name}: give both or neither (got only one of them)")
+        if not _is_empty(M):
+            tensors[name[0]], tensors[name[2]] = M, r
+    for name, x in tensors.items():
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{name} must be a torch tensor, got {type(x).__name__}")
+    dtype, device = p.dtype, p.device
+    if dtype not in (torch.float32, torch.float64):
+        raise TypeError(f"p has dtype {dtype}; expected torch.float32 or torch.float64")
+    for name, x in tensors.items():
+        if x.dtype != dtype:
+            raise TypeError(f"{name} has dtype {x.dtype} but p has {dtype}; use one dtype for all")
+        if x.device != device:
+            raise ValueError(f"{name} is on {x.device} but p is on {device}; use one device")
+
+    batch = {"p": _check("p", p, (n,), f"(n,) or (B, n) with n = {n}")}
+    batch["Q"] = _check("Q", Q, (n, n), f"(n, n) or (B, n, n) with n = {n}")
+    rows = {}
+    for M, r in (("G", "h"), ("A", "b")):
+        if M not in tensors:
+            continue
+        m = tensors[r].shape[-1]
+        rows[M] = m
+        batch[M] = _check(M, tensors[M], (m, n), f"(m, n) or (B, m, n) with m = {m} (from {r}), n = {n}")
+        batch[r] = _check(r, tensors[r], (m,), f"(m,) or (B, m) with m = {tensors[M].shape[-2]} (from {M})")
+    sizes = {k: v for k, v in batch.items() if v is not None and v != 1}
+    if len(set(sizes.values())) > 1:
+        raise ValueError(f"inconsistent batch sizes {sizes}; each argument has batch size B, 1, or none")
+    B = next(iter(sizes.values()), 1)
+
+    def full(x: Tensor, core: int) -> Tensor:
+        return x.expand((B,) + x.shape[-core:])
+
+    Qb = full(Q, 2)
+    Qb = 0.5 * (Qb + Qb.mT)  # only the symmetric part of Q enters zᵀQz
+    out = {"Q": Qb, "p": full(p, 1)}
+    for M, r in (("G", "h"), ("A", "b")):
+        if M in tensors:
+            out[M], out[r] = full(tensors[M], 2), full(tensors[r], 1)
+        else:
+            out[M], out[r] = p.new_zeros(B, 0, n), p.new_zeros(B, 0)
+    data = QPData(**out)
+    finite = torch.ones(B, dtype=torch.bool, device=device)
+    for x in out.values():
+        finite &= torch.isfinite(x).reshape(B, -1).all(-1)
+    return data, finite
+
+
+def check_convex(Q: Tensor) -> None:
+    """Raise ValueError when a Q (..., n, n) is clearly not positive semidefinite.
+
+    'Clearly' means Q + τI has no Cholesky factor for τ = √ε·(1 + max|Q|): rounding-level
+    negative eigenvalues of a PSD-singular Q (an LP has Q = 0) pass."""
+    scale = 1 + Q.abs().amax(dim=(-2, -1), keepdim=True)
+    tau = torch.finfo(Q.dtype).eps ** 0.5 * scale
+    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
+    _, info = torch.linalg.cholesky_ex(Q + tau * eye)
+    bad = (info != 0).reshape(-1)
+    if bool(bad.any()):
+        idx = bad.nonzero().flatten().tolist()[:10]
+        lo = torch.linalg.eigvalsh(Q.reshape(-1, *Q.shape[-2:])[bad]).amin().item()
+        raise ValueError(
+            f"Q is not positive semidefinite for problem(s) {idx} (smallest eigenvalue {lo:.3g}); "
+            "the QP must be convex"
+        )

@@ -1,0 +1,146 @@
+"""`solve_qp`: the batched, differentiable dense QP solver."""
+
+import warnings
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from amortized.implicit import implicit_root
+from amortized.qp.kkt import kkt_conditions, transpose_solver
+from amortized.qp.pdipm import pdipm
+from amortized.qp.problem import QPData, check_convex, qp_data
+from amortized.qp.status import QPStatus
+
+
+@dataclass
+class QPSolution:
+    """Solution of a batch of B QPs.
+
+    z (B, n) primal; lam (B, m) inequality duals (≥ 0); nu (B, q) equality duals, in the
+    Lagrangian L = ½zᵀQz + pᵀz + λᵀ(Gz − h) + νᵀ(Az − b), so Qz + p + Gᵀλ + Aᵀν = 0.
+    s (B, m) slacks h − Gz. status (B,) QPStatus codes; iters (B,) iterations used;
+    primal_residual, dual_residual, gap (B,) absolute ∞-norm residuals and duality gap.
+    z, lam and nu are differentiable w.r.t. every tensor argument of `solve_qp`.
+    """
+
+    z: Tensor
+    lam: Tensor
+    nu: Tensor
+    s: Tensor
+    status: Tensor
+    iters: Tensor
+    primal_residual: Tensor
+    dual_residual: Tensor
+    gap: Tensor
+
+    @property
+    def solved(self) -> Tensor:
+        return self.status == int(QPStatus.SOLVED)
+
+
+def default_eps(dtype: torch.dtype) -> float:
+    """Relative tolerance on residuals and gap: 1e-10 in float64, 3e-6 in float32."""
+    return 1e-10 if dtype == torch.float64 else 3e-6
+
+
+def solve_qp(
+    Q: Tensor,
+    p: Tensor,
+    G: Tensor | None = None,
+    h: Tensor | None = None,
+    A: Tensor | None = None,
+    b: Tensor | None = None,
+    *,
+    solver: str = "pdipm",
+    eps: float | None = None,
+    max_iter: int = 100,
+    warm_start: Tensor | None = None,
+    check_convexity: bool = True,
+) -> QPSolution:
+    """Solve a batch of convex QPs
+
+        minimize ½ zᵀQz + pᵀz   subject to   Gz ≤ h,  Az = b.
+
+    Shapes (the batch dimension B is optional on each argument and broadcast):
+    Q (B, n, n), p (B, n), G (B, m, n), h (B, m), A (B, q, n), b (B, q). G/h and A/b may be
+    None or empty. Q is symmetrized ((Q + Qᵀ)/2); it may be singular (Q = 0 is an LP).
+
+    Bad input: wrong shapes, mixed dtypes or devices raise ValueError/TypeError naming the
+    argument; a clearly non-convex Q raises ValueError (skip with check_convexity=False); a
+    problem with NaN/Inf data gets status NUMERICAL and zero outputs, the others solve.
+
+    The solution is differentiable w.r.t. Q, p, G, h, A, b by implicit differentiation of
+    the KKT conditions at the solution, reusing the forward factorization (OptNet).
+    Gradients of broadcast arguments are summed over the batch. Problems not SOLVED get
+    zero gradients (and a warning in the backward pass).
+
+    solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector).
+    eps: relative tolerance (default from the dtype, see `default_eps`).
+    warm_start: (B, n) or (n,) primal starting point.
+    """
+    if solver != "pdipm":
+        raise ValueError(f"unknown solver {solver!r}; available: 'pdipm'")
+    if max_iter < 1:
+        raise ValueError("max_iter must be at least 1")
+    data, finite = qp_data(Q, p, G, h, A, b)
+    B, n, m, q = data.shape
+    if not bool(finite.all()):
+        data = _replace_nonfinite(data, finite)
+    if check_convexity:
+        check_convex(data.Q if Q.dim() == 3 else data.Q[:1])
+    eps = default_eps(data.p.dtype) if eps is None else float(eps)
+    with torch.no_grad():
+        detached = QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))
+        ws = None if warm_start is None else warm_start.detach()
+        r = pdipm(detached, finite, eps=eps, max_iter=max_iter, warm_start=ws)
+    it, solved = r.it, r.status == int(QPStatus.SOLVED)
+    zero_bad = lambda x: torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
+    z, lam, nu, s = (zero_bad(x) for x in (it.z, it.lam, it.nu, it.s))
+
+    params = [Q, p, G, h, A, b]
+    if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
+        params = [x if x is not None and x.numel() else None for x in params]
+        F = _kkt_with_defaults(B, n, p)
+        z, lam, nu = implicit_root(F, _warn_unsolved(transpose_solver(r.kkt, s, lam, solved), solved),
+                                   (z, lam, nu), params)
+    return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
+
+
+def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
+    """Swap the data of non-finite problems for a trivial QP so nothing NaN enters the batch."""
+    f2, f3 = finite[:, None], finite[:, None, None]
+    eye = torch.eye(d.Q.shape[-1], dtype=d.Q.dtype, device=d.Q.device)
+    return QPData(
+        torch.where(f3, d.Q, eye), torch.where(f2, d.p, 0.0), torch.where(f3, d.G, 0.0),
+        torch.where(f2, d.h, 1.0), torch.where(f3, d.A, 0.0), torch.where(f2, d.b, 0.0),
+    )
+
+
+def _kkt_with_defaults(B: int, n: int, like: Tensor):
+    """kkt_conditions with absent (None) constraint blocks filled by empty tensors."""
+    empty_M, empty_v = like.new_zeros(B, 0, n), like.new_zeros(B, 0)
+
+    def F(z, lam, nu, Q, p, G, h, A, b):
+        if G is None:
+            G, h = empty_M, empty_v
+        if A is None:
+            A, b = empty_M, empty_v
+        return kkt_conditions(z, lam, nu, Q, p, G, h, A, b)
+
+    return F
+
+
+def _warn_unsolved(solve, solved: Tensor):
+    warned = False
+
+    def wrapped(v):
+        nonlocal warned
+        if not warned and not bool(solved.all()):
+            warned = True
+            bad = (~solved).nonzero().flatten().tolist()[:10]
+            warnings.warn(f"solve_qp backward: problems {bad} are not SOLVED; their gradients are zero",
+                          RuntimeWarning, stacklevel=2)
+        return solve(v)
+
+    return wrapped
