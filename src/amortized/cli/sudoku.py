@@ -1,0 +1,307 @@
+"""`amortized sudoku …`: OptNet's 4×4 Sudoku (generate, train, eval)."""
+
+import json
+import os
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from amortized.problems import sudoku as S
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="OptNet's 4×4 Sudoku: learn the rules from puzzles and solutions.")
+
+DEFAULT_LR = {"optnet": 0.1, "fc": 1e-3, "conv": 1e-3}
+DEFAULT_DTYPE = {"optnet": "float64", "fc": "float32", "conv": "float32"}
+
+
+def _write_json(path: Path, obj) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2))
+    os.replace(tmp, path)
+
+
+def _progress(console: Console) -> Progress:
+    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+
+
+@app.command()
+def generate(
+    out: Path = typer.Option(..., help="Output .npz with int arrays puzzles, solutions (N, 4, 4)."),
+    n: int = typer.Option(10000, min=1, help="Number of puzzles."),
+    seed: int = typer.Option(0, help="Random seed (the file is a deterministic function of n, seed)."),
+) -> None:
+    """Generate 4×4 puzzles with a unique solution and minimal clues."""
+    t = time.perf_counter()
+    puzzles, solutions = S.generate(n, seed)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    S.save_puzzles(out, puzzles, solutions)
+    clues = (puzzles > 0).sum((1, 2))
+    Console().print(f"{n} puzzles ({clues.min()}-{clues.max()} clues, mean {clues.mean():.2f}) "
+                    f"written to {out} in {time.perf_counter() - t:.1f} s")
+
+
+def _make_model(name: str, dtype: torch.dtype, device: str, seed: int) -> torch.nn.Module:
+    torch.manual_seed(seed)
+    if name == "optnet":
+        return S.OptNetSudoku(dtype=dtype, device=device)
+    return S.MODELS[name](dtype=dtype, device=device)
+
+
+def _train_one(name: str, out: Path, data, *, epochs: int, batch_size: int, lr: float | None,
+               device: str, dtype: str | None, seed: int, progress: Progress) -> dict:
+    """Train one model, checkpoint it in `out`, write out/results.json and out/errors.png."""
+    ptr, str_, pte, ste = data
+    torch_dtype = getattr(torch, dtype or DEFAULT_DTYPE[name])
+    lr = DEFAULT_LR[name] if lr is None else lr
+    model = _make_model(name, torch_dtype, device, seed)
+    opt = torch.optim.Adam(model.parameters(), lr=lr)
+    gen = torch.Generator().manual_seed(seed)
+    history = []
+    n_batches = -(-len(ptr) // batch_size)
+    ep_task = progress.add_task(f"{name}: epochs", total=epochs, info="")
+    b_task = progress.add_task(f"{name}: batches", total=n_batches, info="")
+    t_start = time.perf_counter()
+    for epoch in range(epochs):
+        progress.reset(b_task, total=n_batches)
+        t = time.perf_counter()
+
+        def cb(k, nb, loss):
+            progress.update(b_task, completed=k + 1, info=f"loss {loss:.4f}")
+
+        with warnings.catch_warnings():
+            # unsolved QPs are counted from their status and reported; silence the backward's warning
+            warnings.filterwarnings("ignore", message="solve_qp backward", category=RuntimeWarning)
+            r = S.train_epoch(model, opt, ptr, str_, batch_size, gen, device=device, callback=cb)
+        train_s = time.perf_counter() - t
+        model.eval()
+        test_pred = S.predict(model, pte, device=device)
+        status = getattr(model, "last_status", None)
+        row = {
+            "epoch": epoch + 1,
+            "train_loss": r["loss"],
+            "train_wrong": int(S.board_errors(r["pred"], ptr, str_)["wrong"].sum()),
+            "n_train": len(ptr),
+            "test_wrong": int(S.board_errors(test_pred, pte, ste)["wrong"].sum()),
+            "n_test": len(pte),
+            "train_seconds": round(train_s, 2),
+            "seconds_per_batch": round(train_s / n_batches, 4),
+        }
+        if name == "optnet":
+            row["train_qp_unsolved"] = r["unsolved"]
+            row["last_eval_qp_unsolved"] = int((status != 0).sum()) if status is not None else None
+            row["row_space"] = S.row_space_residual(model.A)
+        history.append(row)
+        progress.update(ep_task, advance=1,
+                        info=f"train {row['train_wrong']}/{len(ptr)}  test {row['test_wrong']}/{len(pte)}")
+    total_s = time.perf_counter() - t_start
+    extra = {"lr": lr, "batch_size": batch_size, "epochs": epochs, "seed": seed}
+    S.save_checkpoint(model, out, extra=extra)
+    result = {"model": name, "dtype": str(torch_dtype).removeprefix("torch."), **extra,
+              "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
+              "total_seconds": round(total_s, 1), "history": history,
+              "final": {k: history[-1][k] for k in ("train_wrong", "test_wrong", "n_train", "n_test")}
+              if history else {}}
+    if name == "optnet":
+        result["row_space"] = S.row_space_residual(model.A)
+    _write_json(out / "results.json", result)
+    _plot_errors({name: history}, out / "errors.png")
+    return result
+
+
+def _plot_errors(histories: dict[str, list[dict]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, (name, hist) in enumerate(histories.items()):
+        ep = [h["epoch"] for h in hist]
+        color = f"C{i}"
+        ax.plot(ep, [h["train_wrong"] / h["n_train"] for h in hist], "--", color=color, label=f"{name} train")
+        ax.plot(ep, [h["test_wrong"] / h["n_test"] for h in hist], "-", color=color, label=f"{name} test")
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("fraction of boards wrong")
+    ax.set_ylim(0, 1.02)
+    ax.set_title("4×4 Sudoku: train (dashed) and test (solid) error")
+    ax.legend()
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=100)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+def _load_split(data: Path | None, n: int, n_test: int, seed: int):
+    if data is None:
+        puzzles, solutions = S.generate(n, seed)
+    else:
+        puzzles, solutions = S.load_puzzles(data)
+    if not 0 < n_test < len(puzzles):
+        raise typer.BadParameter(f"--n-test must be between 1 and {len(puzzles) - 1}")
+    k = len(puzzles) - n_test
+    return puzzles[:k], solutions[:k], puzzles[k:], solutions[k:]
+
+
+@app.command()
+def train(
+    out: Path = typer.Option(..., help="Folder for the checkpoint, results.json and errors.png."),
+    model: list[str] = typer.Option(["optnet"], help="optnet, fc, conv or all; repeat for several."),
+    data: Path = typer.Option(None, help="Puzzle .npz (default: generate --n puzzles with --seed)."),
+    n: int = typer.Option(10000, min=2, help="Puzzles to generate when --data is not given."),
+    n_test: int = typer.Option(1000, min=1, help="The last n_test puzzles are the test set."),
+    epochs: int = typer.Option(10, min=1),
+    batch_size: int = typer.Option(150, min=1),
+    lr: float = typer.Option(None, help="Adam learning rate (default: optnet 0.1, fc/conv 1e-3)."),
+    dtype: str = typer.Option(None, help="float64 or float32 (default: optnet float64, fc/conv float32)."),
+    device: str = typer.Option("cpu"),
+    seed: int = typer.Option(0),
+    threads: int = typer.Option(0, help="torch threads (0: leave torch's default)."),
+) -> None:
+    """Train OptNet's Sudoku layer and/or the FC and Conv baselines."""
+    names = sorted(S.MODELS) if "all" in model else list(dict.fromkeys(model))
+    for name in names:
+        if name not in S.MODELS:
+            raise typer.BadParameter(f"unknown model {name!r}; expected optnet, fc, conv or all")
+    if dtype not in (None, "float32", "float64"):
+        raise typer.BadParameter("--dtype must be float32 or float64")
+    if threads:
+        torch.set_num_threads(threads)
+    console = Console()
+    split = _load_split(data, n, n_test, seed)
+    out.mkdir(parents=True, exist_ok=True)
+    results = {}
+    with _progress(console) as progress:
+        for name in names:
+            sub = out if len(names) == 1 else out / name
+            results[name] = _train_one(name, sub, split, epochs=epochs, batch_size=batch_size, lr=lr,
+                                       device=device, dtype=dtype, seed=seed, progress=progress)
+    table = Table(title="4×4 Sudoku training")
+    for col in ("model", "dtype", "epochs", "train wrong", "test wrong", "s/batch", "total s"):
+        table.add_column(col)
+    for name, r in results.items():
+        h = r["history"][-1]
+        table.add_row(name, r["dtype"], str(r["epochs"]), f"{h['train_wrong']}/{h['n_train']}",
+                      f"{h['test_wrong']}/{h['n_test']}", f"{h['seconds_per_batch']:.3f}", f"{r['total_seconds']}")
+    console.print(table)
+    if "optnet" in results:
+        rs = results["optnet"]["row_space"]
+        console.print(f"optnet: learned A (rank {rs['rank_A']}) vs true constraints (rank {rs['rank_true']}): "
+                      f"true rows outside span(A) {rs['true_in_A']:.3g}, A rows outside span(true) "
+                      f"{rs['A_in_true']:.3g}, largest principal angle {rs['max_angle_deg']:.1f}°")
+    if len(names) > 1:
+        _plot_errors({k: v["history"] for k, v in results.items()}, out / "errors.png")
+        _write_json(out / "results.json", {k: {"final": v["final"], "total_seconds": v["total_seconds"]}
+                                           for k, v in results.items()})
+    console.print(f"written to {out}")
+
+
+def _plot_boards(puzzles, pred, solutions, wrong, path: Path, k: int = 8) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    # show wrong boards first (they are the interesting ones), then correct ones
+    idx = list(np.flatnonzero(wrong)[: k // 2]) + list(np.flatnonzero(~wrong)[: k])
+    idx = idx[:k]
+    cols = max(1, min(4, len(idx)))
+    rows = max(1, -(-len(idx) // cols))
+    fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
+    for ax in axes.flat:
+        ax.axis("off")
+    for ax, i in zip(axes.flat, idx):
+        for r in range(S.SIZE):
+            for c in range(S.SIZE):
+                clue = puzzles[i, r, c] > 0
+                bad = solutions is not None and pred[i, r, c] != solutions[i, r, c]
+                color = "red" if bad else ("black" if clue else "tab:blue")
+                ax.text(c + 0.5, S.SIZE - r - 0.5, str(pred[i, r, c]), ha="center", va="center",
+                        fontsize=14, color=color, weight="bold" if clue else "normal")
+        for t in range(S.SIZE + 1):
+            lw = 2 if t % S.BOX == 0 else 0.5
+            ax.plot([0, S.SIZE], [t, t], "k", lw=lw)
+            ax.plot([t, t], [0, S.SIZE], "k", lw=lw)
+        ax.set_xlim(-0.1, S.SIZE + 0.1)
+        ax.set_ylim(-0.1, S.SIZE + 0.1)
+        ax.set_aspect("equal")
+        ax.set_title(f"#{i} {'wrong' if wrong[i] else 'ok'}", color="red" if wrong[i] else "black")
+    fig.suptitle("clues bold black, filled blue, wrong vs label red")
+    fig.tight_layout()
+    tmp = path.with_name(path.name + ".tmp.png")
+    fig.savefig(tmp, dpi=90)
+    plt.close(fig)
+    os.replace(tmp, path)
+
+
+@app.command("eval")
+def evaluate(
+    checkpoint: Path = typer.Option(..., help="Folder written by `sudoku train` (model.json + .safetensors)."),
+    puzzles: Path = typer.Option(..., help=".npz with puzzles, solutions (N, 4, 4)."),
+    out: Path = typer.Option(..., help="Folder for results.json and boards.png."),
+    batch_size: int = typer.Option(500, min=1),
+    device: str = typer.Option("cpu"),
+) -> None:
+    """Evaluate a checkpoint: count boards whose argmax is not a valid Sudoku keeping the clues."""
+    model, meta = S.load_checkpoint(checkpoint, device=device)
+    pz, sol = S.load_puzzles(puzzles)
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="solve_qp", category=RuntimeWarning)
+        pred = S.predict(model, pz, batch_size=batch_size, device=device)
+    seconds = time.perf_counter() - t
+    err = S.board_errors(pred, pz, sol)
+    result = {"n_total": len(pz), "n_wrong": int(err["wrong"].sum()),
+              "n_wrong_vs_label": int(err["wrong_vs_label"].sum()),
+              "model": meta["config"]["model"], "checkpoint": str(checkpoint), "puzzles": str(puzzles),
+              "seconds": round(seconds, 3)}
+    out.mkdir(parents=True, exist_ok=True)
+    _write_json(out / "results.json", result)
+    if len(pz):
+        _plot_boards(pz, pred, sol, err["wrong"], out / "boards.png")
+    Console().print(f"{result['model']}: {result['n_wrong']}/{result['n_total']} wrong "
+                    f"({result['n_wrong_vs_label']} differ from the label); written to {out}")
+
+
+def sudoku_step(out: Path, progress: Progress, seed: int) -> list[dict]:
+    """Demo step: a short OptNet Sudoku run (1,200 train / 300 test puzzles, one epoch)."""
+    puzzles, solutions = S.generate(1500, seed)
+    ptr, str_, pte, ste = puzzles[:1200], solutions[:1200], puzzles[1200:], solutions[1200:]
+    model = _make_model("optnet", torch.float64, "cpu", seed)
+    opt = torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["optnet"])
+    before = int(S.board_errors(S.predict(model, pte), pte, ste)["wrong"].sum())
+    losses = []
+    task = progress.add_task("Sudoku: OptNet, 1 epoch", total=-(-len(ptr) // 150))
+
+    def cb(k, nb, loss):
+        losses.append(loss)
+        progress.advance(task)
+
+    t = time.perf_counter()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="solve_qp backward", category=RuntimeWarning)
+        r = S.train_epoch(model, opt, ptr, str_, 150, torch.Generator().manual_seed(seed), callback=cb)
+    per_batch = (time.perf_counter() - t) / len(losses)
+    after = int(S.board_errors(S.predict(model.eval(), pte), pte, ste)["wrong"].sum())
+    case = "OptNet, 1200 train / 300 test, 1 epoch, float64"
+    rows = [
+        {"case": case, "metric": "train MSE first -> last batch", "value": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
+         "target": "decreases", "ok": losses[-1] < losses[0]},
+        {"case": case, "metric": "test boards wrong before -> after", "value": f"{before} -> {after} /{len(pte)}",
+         "target": "decreases", "ok": after < before},
+        {"case": case, "metric": "QP solves not SOLVED", "value": str(r["unsolved"]), "target": "0",
+         "ok": r["unsolved"] == 0},
+        {"case": case, "metric": "time per batch of 150 (fwd+bwd+Adam)", "value": f"{per_batch:.3f} s",
+         "target": "<= 0.2 s"},
+    ]
+    S.save_checkpoint(model, out / "sudoku")
+    return rows
