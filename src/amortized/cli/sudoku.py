@@ -5,6 +5,7 @@ import os
 import time
 import warnings
 from pathlib import Path
+from typing import Annotated
 
 import numpy as np
 import torch
@@ -15,8 +16,11 @@ from rich.table import Table
 
 from amortized.problems import sudoku as S
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="OptNet's 4×4 Sudoku: learn the rules from puzzles and solutions.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="OptNet's 4×4 Sudoku: learn the rules from puzzles and solutions.",
+)
 
 DEFAULT_LR = {"optnet": 0.1, "fc": 1e-3, "conv": 1e-3}
 DEFAULT_DTYPE = {"optnet": "float64", "fc": "float32", "conv": "float32"}
@@ -29,15 +33,23 @@ def _write_json(path: Path, obj) -> None:
 
 
 def _progress(console: Console) -> Progress:
-    return Progress(TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                    TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console)
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.completed}/{task.total}"),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+    )
 
 
 @app.command()
 def generate(
-    out: Path = typer.Option(..., help="Output .npz with int arrays puzzles, solutions (N, 4, 4)."),
-    n: int = typer.Option(10000, min=1, help="Number of puzzles."),
-    seed: int = typer.Option(0, help="Random seed (the file is a deterministic function of n, seed)."),
+    out: Annotated[
+        Path, typer.Option(help="Output .npz: int arrays puzzles, solutions (N, 4, 4).")
+    ],
+    n: Annotated[int, typer.Option(min=1, help="Number of puzzles.")] = 10000,
+    seed: Annotated[int, typer.Option(help="Random seed (the file depends only on n, seed).")] = 0,
 ) -> None:
     """Generate 4×4 puzzles with a unique solution and minimal clues."""
     t = time.perf_counter()
@@ -45,8 +57,10 @@ def generate(
     out.parent.mkdir(parents=True, exist_ok=True)
     S.save_puzzles(out, puzzles, solutions)
     clues = (puzzles > 0).sum((1, 2))
-    Console().print(f"{n} puzzles ({clues.min()}-{clues.max()} clues, mean {clues.mean():.2f}) "
-                    f"written to {out} in {time.perf_counter() - t:.1f} s")
+    Console().print(
+        f"{n} puzzles ({clues.min()}-{clues.max()} clues, mean {clues.mean():.2f}) "
+        f"written to {out} in {time.perf_counter() - t:.1f} s"
+    )
 
 
 def _make_model(name: str, dtype: torch.dtype, device: str, seed: int) -> torch.nn.Module:
@@ -56,8 +70,19 @@ def _make_model(name: str, dtype: torch.dtype, device: str, seed: int) -> torch.
     return S.MODELS[name](dtype=dtype, device=device)
 
 
-def _train_one(name: str, out: Path, data, *, epochs: int, batch_size: int, lr: float | None,
-               device: str, dtype: str | None, seed: int, progress: Progress) -> dict:
+def _train_one(
+    name: str,
+    out: Path,
+    data,
+    *,
+    epochs: int,
+    batch_size: int,
+    lr: float | None,
+    device: str,
+    dtype: str | None,
+    seed: int,
+    progress: Progress,
+) -> dict:
     """Train one model, checkpoint it in `out`, write out/results.json and out/errors.png."""
     ptr, str_, pte, ste = data
     torch_dtype = getattr(torch, dtype or DEFAULT_DTYPE[name])
@@ -78,7 +103,7 @@ def _train_one(name: str, out: Path, data, *, epochs: int, batch_size: int, lr: 
             progress.update(b_task, completed=k + 1, info=f"loss {loss:.4f}")
 
         with warnings.catch_warnings():
-            # unsolved QPs are counted from their status and reported; silence the backward's warning
+            # unsolved QPs are counted from their status and reported: mute the warning
             warnings.filterwarnings("ignore", message="solve_qp backward", category=RuntimeWarning)
             r = S.train_epoch(model, opt, ptr, str_, batch_size, gen, device=device, callback=cb)
         train_s = time.perf_counter() - t
@@ -100,16 +125,27 @@ def _train_one(name: str, out: Path, data, *, epochs: int, batch_size: int, lr: 
             row["last_eval_qp_unsolved"] = int((status != 0).sum()) if status is not None else None
             row["row_space"] = S.row_space_residual(model.A)
         history.append(row)
-        progress.update(ep_task, advance=1,
-                        info=f"train {row['train_wrong']}/{len(ptr)}  test {row['test_wrong']}/{len(pte)}")
+        progress.update(
+            ep_task,
+            advance=1,
+            info=f"train {row['train_wrong']}/{len(ptr)}  test {row['test_wrong']}/{len(pte)}",
+        )
     total_s = time.perf_counter() - t_start
     extra = {"lr": lr, "batch_size": batch_size, "epochs": epochs, "seed": seed}
     S.save_checkpoint(model, out, extra=extra)
-    result = {"model": name, "dtype": str(torch_dtype).removeprefix("torch."), **extra,
-              "device": device, "torch": torch.__version__, "threads": torch.get_num_threads(),
-              "total_seconds": round(total_s, 1), "history": history,
-              "final": {k: history[-1][k] for k in ("train_wrong", "test_wrong", "n_train", "n_test")}
-              if history else {}}
+    result = {
+        "model": name,
+        "dtype": str(torch_dtype).removeprefix("torch."),
+        **extra,
+        "device": device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "total_seconds": round(total_s, 1),
+        "history": history,
+        "final": {k: history[-1][k] for k in ("train_wrong", "test_wrong", "n_train", "n_test")}
+        if history
+        else {},
+    }
     if name == "optnet":
         result["row_space"] = S.row_space_residual(model.A)
     _write_json(out / "results.json", result)
@@ -127,8 +163,20 @@ def _plot_errors(histories: dict[str, list[dict]], path: Path) -> None:
     for i, (name, hist) in enumerate(histories.items()):
         ep = [h["epoch"] for h in hist]
         color = f"C{i}"
-        ax.plot(ep, [h["train_wrong"] / h["n_train"] for h in hist], "--", color=color, label=f"{name} train")
-        ax.plot(ep, [h["test_wrong"] / h["n_test"] for h in hist], "-", color=color, label=f"{name} test")
+        ax.plot(
+            ep,
+            [h["train_wrong"] / h["n_train"] for h in hist],
+            "--",
+            color=color,
+            label=f"{name} train",
+        )
+        ax.plot(
+            ep,
+            [h["test_wrong"] / h["n_test"] for h in hist],
+            "-",
+            color=color,
+            label=f"{name} test",
+        )
     ax.set_xlabel("epoch")
     ax.set_ylabel("fraction of boards wrong")
     ax.set_ylim(0, 1.02)
@@ -154,18 +202,29 @@ def _load_split(data: Path | None, n: int, n_test: int, seed: int):
 
 @app.command()
 def train(
-    out: Path = typer.Option(..., help="Folder for the checkpoint, results.json and errors.png."),
-    model: list[str] = typer.Option(["optnet"], help="optnet, fc, conv or all; repeat for several."),
-    data: Path = typer.Option(None, help="Puzzle .npz (default: generate --n puzzles with --seed)."),
-    n: int = typer.Option(10000, min=2, help="Puzzles to generate when --data is not given."),
-    n_test: int = typer.Option(1000, min=1, help="The last n_test puzzles are the test set."),
-    epochs: int = typer.Option(10, min=1),
-    batch_size: int = typer.Option(150, min=1),
-    lr: float = typer.Option(None, help="Adam learning rate (default: optnet 0.1, fc/conv 1e-3)."),
-    dtype: str = typer.Option(None, help="float64 or float32 (default: optnet float64, fc/conv float32)."),
-    device: str = typer.Option("cpu"),
-    seed: int = typer.Option(0),
-    threads: int = typer.Option(0, help="torch threads (0: leave torch's default)."),
+    out: Annotated[Path, typer.Option(help="Folder for checkpoint, results.json, errors.png.")],
+    model: Annotated[
+        list[str], typer.Option(help="optnet, fc, conv or all; repeat for several.")
+    ] = ["optnet"],  # noqa: B006 (typer reads the default, never mutates it)
+    data: Annotated[
+        Path | None, typer.Option(help="Puzzle .npz (default: generate --n puzzles, --seed).")
+    ] = None,
+    n: Annotated[int, typer.Option(min=2, help="Puzzles to generate without --data.")] = 10000,
+    n_test: Annotated[
+        int, typer.Option(min=1, help="The last n_test puzzles are the test set.")
+    ] = 1000,
+    epochs: Annotated[int, typer.Option(min=1)] = 10,
+    batch_size: Annotated[int, typer.Option(min=1)] = 150,
+    lr: Annotated[
+        float | None, typer.Option(help="Adam learning rate (default: optnet 0.1, fc/conv 1e-3).")
+    ] = None,
+    dtype: Annotated[
+        str | None,
+        typer.Option(help="float64 or float32 (default: optnet float64, fc/conv float32)."),
+    ] = None,
+    device: Annotated[str, typer.Option()] = "cpu",
+    seed: Annotated[int, typer.Option()] = 0,
+    threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
 ) -> None:
     """Train OptNet's Sudoku layer and/or the FC and Conv baselines."""
     names = sorted(S.MODELS) if "all" in model else list(dict.fromkeys(model))
@@ -183,25 +242,49 @@ def train(
     with _progress(console) as progress:
         for name in names:
             sub = out if len(names) == 1 else out / name
-            results[name] = _train_one(name, sub, split, epochs=epochs, batch_size=batch_size, lr=lr,
-                                       device=device, dtype=dtype, seed=seed, progress=progress)
+            results[name] = _train_one(
+                name,
+                sub,
+                split,
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                device=device,
+                dtype=dtype,
+                seed=seed,
+                progress=progress,
+            )
     table = Table(title="4×4 Sudoku training")
     for col in ("model", "dtype", "epochs", "train wrong", "test wrong", "s/batch", "total s"):
         table.add_column(col)
     for name, r in results.items():
         h = r["history"][-1]
-        table.add_row(name, r["dtype"], str(r["epochs"]), f"{h['train_wrong']}/{h['n_train']}",
-                      f"{h['test_wrong']}/{h['n_test']}", f"{h['seconds_per_batch']:.3f}", f"{r['total_seconds']}")
+        table.add_row(
+            name,
+            r["dtype"],
+            str(r["epochs"]),
+            f"{h['train_wrong']}/{h['n_train']}",
+            f"{h['test_wrong']}/{h['n_test']}",
+            f"{h['seconds_per_batch']:.3f}",
+            f"{r['total_seconds']}",
+        )
     console.print(table)
     if "optnet" in results:
         rs = results["optnet"]["row_space"]
-        console.print(f"optnet: learned A (rank {rs['rank_A']}) vs true constraints (rank {rs['rank_true']}): "
-                      f"true rows outside span(A) {rs['true_in_A']:.3g}, A rows outside span(true) "
-                      f"{rs['A_in_true']:.3g}, largest principal angle {rs['max_angle_deg']:.1f}°")
+        console.print(
+            f"optnet: learned A (rank {rs['rank_A']}) vs true rules (rank {rs['rank_true']}): "
+            f"true rows outside span(A) {rs['true_in_A']:.3g}, A rows outside span(true) "
+            f"{rs['A_in_true']:.3g}, largest principal angle {rs['max_angle_deg']:.1f}°"
+        )
     if len(names) > 1:
         _plot_errors({k: v["history"] for k, v in results.items()}, out / "errors.png")
-        _write_json(out / "results.json", {k: {"final": v["final"], "total_seconds": v["total_seconds"]}
-                                           for k, v in results.items()})
+        _write_json(
+            out / "results.json",
+            {
+                k: {"final": v["final"], "total_seconds": v["total_seconds"]}
+                for k, v in results.items()
+            },
+        )
     console.print(f"written to {out}")
 
 
@@ -212,21 +295,29 @@ def _plot_boards(puzzles, pred, solutions, wrong, path: Path, k: int = 8) -> Non
     import matplotlib.pyplot as plt
 
     # show wrong boards first (they are the interesting ones), then correct ones
-    idx = list(np.flatnonzero(wrong)[: k // 2]) + list(np.flatnonzero(~wrong)[: k])
+    idx = list(np.flatnonzero(wrong)[: k // 2]) + list(np.flatnonzero(~wrong)[:k])
     idx = idx[:k]
     cols = max(1, min(4, len(idx)))
     rows = max(1, -(-len(idx) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.6 * rows), squeeze=False)
     for ax in axes.flat:
         ax.axis("off")
-    for ax, i in zip(axes.flat, idx):
+    for ax, i in zip(axes.flat, idx, strict=False):
         for r in range(S.SIZE):
             for c in range(S.SIZE):
                 clue = puzzles[i, r, c] > 0
                 bad = solutions is not None and pred[i, r, c] != solutions[i, r, c]
                 color = "red" if bad else ("black" if clue else "tab:blue")
-                ax.text(c + 0.5, S.SIZE - r - 0.5, str(pred[i, r, c]), ha="center", va="center",
-                        fontsize=14, color=color, weight="bold" if clue else "normal")
+                ax.text(
+                    c + 0.5,
+                    S.SIZE - r - 0.5,
+                    str(pred[i, r, c]),
+                    ha="center",
+                    va="center",
+                    fontsize=14,
+                    color=color,
+                    weight="bold" if clue else "normal",
+                )
         for t in range(S.SIZE + 1):
             lw = 2 if t % S.BOX == 0 else 0.5
             ax.plot([0, S.SIZE], [t, t], "k", lw=lw)
@@ -245,11 +336,11 @@ def _plot_boards(puzzles, pred, solutions, wrong, path: Path, k: int = 8) -> Non
 
 @app.command("eval")
 def evaluate(
-    checkpoint: Path = typer.Option(..., help="Folder written by `sudoku train` (model.json + .safetensors)."),
-    puzzles: Path = typer.Option(..., help=".npz with puzzles, solutions (N, 4, 4)."),
-    out: Path = typer.Option(..., help="Folder for results.json and boards.png."),
-    batch_size: int = typer.Option(500, min=1),
-    device: str = typer.Option("cpu"),
+    checkpoint: Annotated[Path, typer.Option(help="Folder written by `sudoku train`.")],
+    puzzles: Annotated[Path, typer.Option(help=".npz with puzzles, solutions (N, 4, 4).")],
+    out: Annotated[Path, typer.Option(help="Folder for results.json and boards.png.")],
+    batch_size: Annotated[int, typer.Option(min=1)] = 500,
+    device: Annotated[str, typer.Option()] = "cpu",
 ) -> None:
     """Evaluate a checkpoint: count boards whose argmax is not a valid Sudoku keeping the clues."""
     model, meta = S.load_checkpoint(checkpoint, device=device)
@@ -260,16 +351,23 @@ def evaluate(
         pred = S.predict(model, pz, batch_size=batch_size, device=device)
     seconds = time.perf_counter() - t
     err = S.board_errors(pred, pz, sol)
-    result = {"n_total": len(pz), "n_wrong": int(err["wrong"].sum()),
-              "n_wrong_vs_label": int(err["wrong_vs_label"].sum()),
-              "model": meta["config"]["model"], "checkpoint": str(checkpoint), "puzzles": str(puzzles),
-              "seconds": round(seconds, 3)}
+    result = {
+        "n_total": len(pz),
+        "n_wrong": int(err["wrong"].sum()),
+        "n_wrong_vs_label": int(err["wrong_vs_label"].sum()),
+        "model": meta["config"]["model"],
+        "checkpoint": str(checkpoint),
+        "puzzles": str(puzzles),
+        "seconds": round(seconds, 3),
+    }
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", result)
     if len(pz):
         _plot_boards(pz, pred, sol, err["wrong"], out / "boards.png")
-    Console().print(f"{result['model']}: {result['n_wrong']}/{result['n_total']} wrong "
-                    f"({result['n_wrong_vs_label']} differ from the label); written to {out}")
+    Console().print(
+        f"{result['model']}: {result['n_wrong']}/{result['n_total']} wrong "
+        f"({result['n_wrong_vs_label']} differ from the label); written to {out}"
+    )
 
 
 def sudoku_step(out: Path, progress: Progress, seed: int) -> list[dict]:
@@ -289,19 +387,40 @@ def sudoku_step(out: Path, progress: Progress, seed: int) -> list[dict]:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="solve_qp backward", category=RuntimeWarning)
-        r = S.train_epoch(model, opt, ptr, str_, 150, torch.Generator().manual_seed(seed), callback=cb)
+        r = S.train_epoch(
+            model, opt, ptr, str_, 150, torch.Generator().manual_seed(seed), callback=cb
+        )
     per_batch = (time.perf_counter() - t) / len(losses)
     after = int(S.board_errors(S.predict(model.eval(), pte), pte, ste)["wrong"].sum())
     case = "OptNet, 1200 train / 300 test, 1 epoch, float64"
     rows = [
-        {"case": case, "metric": "train MSE first -> last batch", "value": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
-         "target": "decreases", "ok": losses[-1] < losses[0]},
-        {"case": case, "metric": "test boards wrong before -> after", "value": f"{before} -> {after} /{len(pte)}",
-         "target": "decreases", "ok": after < before},
-        {"case": case, "metric": "QP solves not SOLVED", "value": str(r["unsolved"]), "target": "0",
-         "ok": r["unsolved"] == 0},
-        {"case": case, "metric": "time per batch of 150 (fwd+bwd+Adam)", "value": f"{per_batch:.3f} s",
-         "target": "<= 0.2 s"},
+        {
+            "case": case,
+            "metric": "train MSE first -> last batch",
+            "value": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
+            "target": "decreases",
+            "ok": losses[-1] < losses[0],
+        },
+        {
+            "case": case,
+            "metric": "test boards wrong before -> after",
+            "value": f"{before} -> {after} /{len(pte)}",
+            "target": "decreases",
+            "ok": after < before,
+        },
+        {
+            "case": case,
+            "metric": "QP solves not SOLVED",
+            "value": str(r["unsolved"]),
+            "target": "0",
+            "ok": r["unsolved"] == 0,
+        },
+        {
+            "case": case,
+            "metric": "time per batch of 150 (fwd+bwd+Adam)",
+            "value": f"{per_batch:.3f} s",
+            "target": "<= 0.2 s",
+        },
     ]
     S.save_checkpoint(model, out / "sudoku")
     return rows

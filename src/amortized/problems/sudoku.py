@@ -53,10 +53,13 @@ def is_valid_solution(boards: np.ndarray) -> np.ndarray:
 @lru_cache(maxsize=1)
 def all_solutions() -> np.ndarray:
     """The 288 valid 4×4 Sudoku grids, (288, 4, 4) int64, in a fixed (lexicographic) order."""
-    perms = np.array(
-        [p for p in np.ndindex(*(SIZE,) * SIZE) if len(set(p)) == SIZE], dtype=np.int64
-    ) + 1  # the 24 permutations of 1..4, one per row
-    idx = np.stack(np.meshgrid(*(np.arange(len(perms)),) * SIZE, indexing="ij"), -1).reshape(-1, SIZE)
+    perms = (
+        np.array([p for p in np.ndindex(*(SIZE,) * SIZE) if len(set(p)) == SIZE], dtype=np.int64)
+        + 1
+    )  # the 24 permutations of 1..4, one per row
+    idx = np.stack(np.meshgrid(*(np.arange(len(perms)),) * SIZE, indexing="ij"), -1).reshape(
+        -1, SIZE
+    )
     grids = perms[idx]  # (24⁴, 4, 4): every combination of row permutations
     return np.ascontiguousarray(grids[is_valid_solution(grids)])
 
@@ -145,8 +148,9 @@ def decode(x: Tensor) -> np.ndarray:
     return (x.detach().argmax(-1) + 1).cpu().numpy()
 
 
-def board_errors(pred: np.ndarray, puzzles: np.ndarray, solutions: np.ndarray | None = None
-                 ) -> dict[str, np.ndarray]:
+def board_errors(
+    pred: np.ndarray, puzzles: np.ndarray, solutions: np.ndarray | None = None
+) -> dict[str, np.ndarray]:
     """Per-board error flags for predicted boards pred (N, 4, 4) with digits 1..4.
 
     `wrong`: pred is not a valid Sudoku or changes a clue of the puzzle (N, 4, 4). Since
@@ -237,8 +241,16 @@ class OptNetSudoku(nn.Module):
     (B,) QPStatus of the solves.
     """
 
-    def __init__(self, n_eq: int = 40, q_penalty: float = 0.1, *, dtype=torch.float64,
-                 device=None, generator: torch.Generator | None = None, **solver_options):
+    def __init__(
+        self,
+        n_eq: int = 40,
+        q_penalty: float = 0.1,
+        *,
+        dtype=torch.float64,
+        device=None,
+        generator: torch.Generator | None = None,
+        **solver_options,
+    ):
         super().__init__()
         kw = {"dtype": dtype, "device": device}
         if n_eq < 1:
@@ -270,7 +282,7 @@ class FCSudoku(nn.Module):
         super().__init__()
         sizes = [N_VARS, *hidden, *reversed(hidden), N_VARS]
         layers = []
-        for a, b in zip(sizes[:-1], sizes[1:]):
+        for a, b in zip(sizes[:-1], sizes[1:], strict=True):
             layers += [nn.Linear(a, b, dtype=dtype, device=device), nn.ReLU()]
         self.net = nn.Sequential(*layers[:-1])
         self.hidden = tuple(hidden)
@@ -308,8 +320,12 @@ MODELS = {"optnet": OptNetSudoku, "fc": FCSudoku, "conv": ConvSudoku}
 def model_config(model: nn.Module) -> dict:
     """JSON-able constructor arguments of a Sudoku model (for the checkpoint sidecar)."""
     if isinstance(model, OptNetSudoku):
-        return {"model": "optnet", "n_eq": model.n_eq, "q_penalty": model.q_penalty,
-                "solver_options": model.solver_options}
+        return {
+            "model": "optnet",
+            "n_eq": model.n_eq,
+            "q_penalty": model.q_penalty,
+            "solver_options": model.solver_options,
+        }
     if isinstance(model, FCSudoku):
         return {"model": "fc", "hidden": list(model.hidden)}
     if isinstance(model, ConvSudoku):
@@ -343,8 +359,12 @@ def save_checkpoint(model: nn.Module, directory: Path, extra: dict | None = None
     tmp = directory / "model.safetensors.tmp"
     save_file(tensors, str(tmp))
     tmp.replace(directory / "model.safetensors")
-    meta = {"config": model_config(model), "dtype": str(dtype).removeprefix("torch."),
-            "amortized_version": am.__version__, **(extra or {})}
+    meta = {
+        "config": model_config(model),
+        "dtype": str(dtype).removeprefix("torch."),
+        "amortized_version": am.__version__,
+        **(extra or {}),
+    }
     tmp = directory / "model.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2))
     tmp.replace(directory / "model.json")
@@ -361,7 +381,9 @@ def load_checkpoint(directory: Path, device=None) -> tuple[nn.Module, dict]:
     meta = json.loads((directory / "model.json").read_text())
     dtype = getattr(torch, meta.get("dtype", "float32"))
     model = build_model(meta["config"], dtype=dtype, device=device)
-    model.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(device or "cpu")))
+    model.load_state_dict(
+        load_file(str(directory / "model.safetensors"), device=str(device or "cpu"))
+    )
     return model.eval(), meta
 
 
@@ -374,7 +396,9 @@ def sudoku_loss(pred: Tensor, solutions_1hot: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def predict(model: nn.Module, puzzles: np.ndarray, batch_size: int = 500, device=None) -> np.ndarray:
+def predict(
+    model: nn.Module, puzzles: np.ndarray, batch_size: int = 500, device=None
+) -> np.ndarray:
     """Predicted boards (N, 4, 4) (argmax over digits), evaluated in batches."""
     dtype = next(model.parameters()).dtype
     out = []
@@ -384,9 +408,16 @@ def predict(model: nn.Module, puzzles: np.ndarray, batch_size: int = 500, device
     return np.concatenate(out) if out else np.zeros((0, SIZE, SIZE), dtype=np.int64)
 
 
-def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, puzzles: np.ndarray,
-                solutions: np.ndarray, batch_size: int, generator: torch.Generator,
-                device=None, callback=None) -> dict:
+def train_epoch(
+    model: nn.Module,
+    opt: torch.optim.Optimizer,
+    puzzles: np.ndarray,
+    solutions: np.ndarray,
+    batch_size: int,
+    generator: torch.Generator,
+    device=None,
+    callback=None,
+) -> dict:
     """One epoch of Adam-style training on shuffled minibatches; callback(i, n_batches, loss)
     after each batch. Returns mean loss, the predicted training boards (argmax of each
     batch's forward pass, in the original order) and the number of QP solves not SOLVED."""
@@ -407,10 +438,10 @@ def train_epoch(model: nn.Module, opt: torch.optim.Optimizer, puzzles: np.ndarra
         loss.backward()
         opt.step()
         pred[idx] = decode(z)
-        total += float(loss) * len(idx)
+        total += float(loss.detach()) * len(idx)
         status = getattr(model, "last_status", None)
         if status is not None:
             unsolved += int((status != int(am.QPStatus.SOLVED)).sum())
         if callback is not None:
-            callback(k, n_batches, float(loss))
+            callback(k, n_batches, float(loss.detach()))
     return {"loss": total / max(n, 1), "pred": pred, "unsolved": unsolved}
