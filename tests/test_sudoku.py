@@ -291,5 +291,6 @@ def test_cli_generate_train_eval(tmp_path):
             assert res["n_wrong"] == int(err["wrong"].sum())
             assert res["n_wrong_vs_label"] == int(err["wrong_vs_label"].sum())
             assert (out / "boards.png").stat().st_size > 0
+            assert res.get("qp_unsolved", 0) == 0
     r = runner.invoke(app, ["sudoku", "train", "--model", "nope", "--out", str(ck)])
     assert r.exit_code != 0

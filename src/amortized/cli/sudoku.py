@@ -108,8 +108,8 @@ def _train_one(
             r = S.train_epoch(model, opt, ptr, str_, batch_size, gen, device=device, callback=cb)
         train_s = time.perf_counter() - t
         model.eval()
-        test_pred = S.predict(model, pte, device=device)
-        status = getattr(model, "last_status", None)
+        stats = {}
+        test_pred = S.predict(model, pte, device=device, stats=stats)
         row = {
             "epoch": epoch + 1,
             "train_loss": r["loss"],
@@ -122,7 +122,7 @@ def _train_one(
         }
         if name == "optnet":
             row["train_qp_unsolved"] = r["unsolved"]
-            row["last_eval_qp_unsolved"] = int((status != 0).sum()) if status is not None else None
+            row["test_qp_unsolved"] = stats["unsolved"]
             row["row_space"] = S.row_space_residual(model.A)
         history.append(row)
         progress.update(
@@ -348,7 +348,8 @@ def evaluate(
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="solve_qp", category=RuntimeWarning)
-        pred = S.predict(model, pz, batch_size=batch_size, device=device)
+        stats = {}
+        pred = S.predict(model, pz, batch_size=batch_size, device=device, stats=stats)
     seconds = time.perf_counter() - t
     err = S.board_errors(pred, pz, sol)
     result = {
@@ -360,6 +361,8 @@ def evaluate(
         "puzzles": str(puzzles),
         "seconds": round(seconds, 3),
     }
+    if result["model"] == "optnet":
+        result["qp_unsolved"] = stats["unsolved"]
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", result)
     if len(pz):

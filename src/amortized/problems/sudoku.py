@@ -397,14 +397,25 @@ def sudoku_loss(pred: Tensor, solutions_1hot: Tensor) -> Tensor:
 
 @torch.no_grad()
 def predict(
-    model: nn.Module, puzzles: np.ndarray, batch_size: int = 500, device=None
+    model: nn.Module,
+    puzzles: np.ndarray,
+    batch_size: int = 500,
+    device=None,
+    stats: dict | None = None,
 ) -> np.ndarray:
-    """Predicted boards (N, 4, 4) (argmax over digits), evaluated in batches."""
+    """Predicted boards (N, 4, 4) (argmax over digits), evaluated in batches. When `stats`
+    is a dict and the model is an OptNet layer, stats["unsolved"] receives the number of
+    QP solves that did not end SOLVED."""
     dtype = next(model.parameters()).dtype
-    out = []
+    out, unsolved = [], 0
     for i in range(0, len(puzzles), batch_size):
         x = one_hot(puzzles[i : i + batch_size], dtype=dtype, device=device)
         out.append(decode(model(x)))
+        status = getattr(model, "last_status", None)
+        if status is not None:
+            unsolved += int((status != int(am.QPStatus.SOLVED)).sum())
+    if stats is not None:
+        stats["unsolved"] = unsolved
     return np.concatenate(out) if out else np.zeros((0, SIZE, SIZE), dtype=np.int64)
 
 
