@@ -230,10 +230,10 @@ def test_load_puzzles_rejects_bad_files(tmp_path):
 def test_cli_generate_train_eval(tmp_path):
     runner = CliRunner()
     data = tmp_path / "p.npz"
-    r = runner.invoke(app, ["sudoku", "generate", "--out", str(data), "--n", "400", "--seed", "7"])
+    r = runner.invoke(app, ["sudoku", "generate", "--out", str(data), "--n", "200", "--seed", "7"])
     assert r.exit_code == 0, r.output
     puzzles, solutions = S.load_puzzles(data)
-    ref_p, ref_s = S.generate(400, seed=7)
+    ref_p, ref_s = S.generate(200, seed=7)
     np.testing.assert_array_equal(puzzles, ref_p)
     np.testing.assert_array_equal(solutions, ref_s)
 
@@ -252,7 +252,7 @@ def test_cli_generate_train_eval(tmp_path):
             "--data",
             str(data),
             "--n-test",
-            "100",
+            "50",
             "--epochs",
             "1",
         ],
@@ -260,7 +260,7 @@ def test_cli_generate_train_eval(tmp_path):
     assert r.exit_code == 0, r.output
     assert (ck / "errors.png").stat().st_size > 0
     hist = json.loads((ck / "optnet" / "results.json").read_text())["history"]
-    assert hist[0]["n_train"] == 300 and hist[0]["n_test"] == 100
+    assert hist[0]["n_train"] == 150 and hist[0]["n_test"] == 50
     assert 0 <= hist[0]["row_space"]["true_in_A"] <= 1
 
     # eval on a tiny hand-made file (int32, a puzzle with two solutions) and on the generated one
