@@ -374,17 +374,29 @@ def evaluate(
 
 
 def sudoku_step(out: Path, progress: Progress, seed: int) -> list[dict]:
-    """Demo step: a short OptNet Sudoku run (1,200 train / 300 test puzzles, one epoch)."""
+    """Demo step: a short OptNet Sudoku run (1,200 train / 300 test puzzles, one epoch).
+
+    One epoch is 8 Adam steps: enough to cut the test MSE, far from the full run's board
+    accuracy (`amortized sudoku train`, 10 epochs on 9,000 puzzles)."""
     puzzles, solutions = S.generate(1500, seed)
     ptr, str_, pte, ste = puzzles[:1200], solutions[:1200], puzzles[1200:], solutions[1200:]
     model = _make_model("optnet", torch.float64, "cpu", seed)
     opt = torch.optim.Adam(model.parameters(), lr=DEFAULT_LR["optnet"])
-    before = int(S.board_errors(S.predict(model, pte), pte, ste)["wrong"].sum())
-    losses = []
+    x_te, y_te = S.one_hot(pte, dtype=torch.float64), S.one_hot(ste, dtype=torch.float64)
+
+    def test_mse_and_wrong():
+        with torch.no_grad():
+            z = model(x_te)
+        wrong = int(S.board_errors(S.decode(z), pte, ste)["wrong"].sum())
+        return float(S.sudoku_loss(z, y_te)), wrong
+
+    mse0, wrong0 = test_mse_and_wrong()
     task = progress.add_task("Sudoku: OptNet, 1 epoch", total=-(-len(ptr) // 150))
+    n_batches = 0
 
     def cb(k, nb, loss):
-        losses.append(loss)
+        nonlocal n_batches
+        n_batches += 1
         progress.advance(task)
 
     t = time.perf_counter()
@@ -393,37 +405,26 @@ def sudoku_step(out: Path, progress: Progress, seed: int) -> list[dict]:
         r = S.train_epoch(
             model, opt, ptr, str_, 150, torch.Generator().manual_seed(seed), callback=cb
         )
-    per_batch = (time.perf_counter() - t) / len(losses)
-    after = int(S.board_errors(S.predict(model.eval(), pte), pte, ste)["wrong"].sum())
+    per_batch = (time.perf_counter() - t) / n_batches
+    mse1, wrong1 = test_mse_and_wrong()
     case = "OptNet, 1200 train / 300 test, 1 epoch, float64"
+    row = lambda metric, value, target="", ok=None: {
+        "case": case,
+        "metric": metric,
+        "value": value,
+        "target": target,
+        "ok": ok,
+    }
     rows = [
-        {
-            "case": case,
-            "metric": "train MSE first -> last batch",
-            "value": f"{losses[0]:.3f} -> {losses[-1]:.3f}",
-            "target": "decreases",
-            "ok": losses[-1] < losses[0],
-        },
-        {
-            "case": case,
-            "metric": "test boards wrong before -> after",
-            "value": f"{before} -> {after} /{len(pte)}",
-            "target": "decreases",
-            "ok": after < before,
-        },
-        {
-            "case": case,
-            "metric": "QP solves not SOLVED",
-            "value": str(r["unsolved"]),
-            "target": "0",
-            "ok": r["unsolved"] == 0,
-        },
-        {
-            "case": case,
-            "metric": "time per batch of 150 (fwd+bwd+Adam)",
-            "value": f"{per_batch:.3f} s",
-            "target": "<= 0.2 s",
-        },
+        row(
+            "test MSE before -> after",
+            f"{mse0:.3f} -> {mse1:.3f}",
+            "falls by 2x",
+            mse1 < 0.5 * mse0,
+        ),
+        row("test boards wrong before -> after", f"{wrong0} -> {wrong1} /{len(pte)}"),
+        row("QP solves not SOLVED (train)", str(r["unsolved"]), "0", r["unsolved"] == 0),
+        row("time per batch of 150 (fwd+bwd+Adam)", f"{per_batch:.3f} s", "<= 0.2 s"),
     ]
     S.save_checkpoint(model, out / "sudoku")
     return rows
