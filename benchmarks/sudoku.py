@@ -1,8 +1,9 @@
 """Time one OptNet Sudoku training batch (B = 150) with am.solve_qp and with qpth.
 
-Same process, same inputs (puzzles, A, z0), same dtype (float64), same threads. What is
-timed: forward QP solve + MSE loss + backward (gradients of A and log z0), steady state
-after a warm-up, median of --repeats runs, the two tools alternated A B A B. Accuracy
+Same process, same inputs (puzzles, A, z0), same dtype (float64; ours also on the data
+cast to float32), same threads. What is timed: forward QP solve + MSE loss + backward
+(gradients of A and log z0), steady state
+after a warm-up, median of --repeats runs, the tools alternated A B C A B C. Accuracy
 beside speed: max |z_ours − z_qpth|, both against Clarabel (tight tolerances) on a few
 problems, and the relative difference of the gradients (qpth averages the gradient of a
 broadcast argument over the batch, we sum it: compared as ours / B).
@@ -65,16 +66,18 @@ def main() -> None:
         A = A0.clone().requires_grad_()
         lz = logz0.clone().requires_grad_()
         b = A @ lz.exp()
-        if tool == "amortized":
-            sol = am.solve_qp(Q, -x, G, h, A, b)
-            z, ok = sol.z, int(sol.solved.sum())
+        if tool.startswith("amortized"):
+            dt = torch.float32 if tool.endswith("f32") else dtype
+            args_ = [t.to(dt) for t in (Q, -x, G, h, A, b)]
+            sol = am.solve_qp(*args_)
+            z, ok = sol.z.to(dtype), int(sol.solved.sum())
         else:
             z, ok = QpthFunction(verbose=-1)(Q, -x, G, h, A, b), None
         loss = (z - y).square().mean()
         loss.backward()
         return z.detach(), A.grad, lz.grad, ok
 
-    tools = ["amortized", "qpth"]
+    tools = ["amortized", "qpth", "amortized-f32"]
     times = {t: [] for t in tools}
     out = {}
     with warnings.catch_warnings():
@@ -89,6 +92,7 @@ def main() -> None:
 
     z_ours, gA_ours, gz_ours, solved = out["amortized"]
     z_qpth, gA_qpth, gz_qpth, _ = out["qpth"]
+    gA_f32 = out["amortized-f32"][1]
     k = 5
     ref = np.stack(
         [
@@ -129,6 +133,11 @@ def main() -> None:
         f"{min(times['qpth']):.3f} | "
         f"n/a | {err['qpth']:.1e} |"
     )
+    print(
+        f"| amortized, float32 inputs (same data cast) | {med['amortized-f32']:.3f} | "
+        f"{min(times['amortized-f32']):.3f} | {out['amortized-f32'][3]}/{B} | "
+        f"{err['amortized-f32']:.1e} |"
+    )
     print()
     print(f"speed-up qpth / amortized: {med['qpth'] / med['amortized']:.2f}x")
     print(f"max abs(z_ours - z_qpth): {float((z_ours - z_qpth).abs().max()):.1e}")
@@ -136,6 +145,9 @@ def main() -> None:
         f"relative difference of dA (ours / B vs qpth's batch mean): "
         f"{rel(gA_ours / B, gA_qpth):.1e}; "
         f"of dlog z0: {rel(gz_ours / B, gz_qpth):.1e}"
+    )
+    print(
+        f"relative difference of dA, float32 vs float64 (ours): {rel(gA_f32.double(), gA_ours):.1e}"
     )
 
 
