@@ -259,7 +259,10 @@ def test_cli_generate_train_eval(tmp_path):
     )
     assert r.exit_code == 0, r.output
     assert (ck / "errors.png").stat().st_size > 0
-    hist = json.loads((ck / "optnet" / "results.json").read_text())["history"]
+    res = json.loads((ck / "optnet" / "results.json").read_text())
+    hist = res["history"]
+    train_set = {p.tobytes() for p in puzzles[:150]}
+    assert res["test_puzzles_also_in_train"] == sum(p.tobytes() in train_set for p in puzzles[150:])
     assert hist[0]["n_train"] == 150 and hist[0]["n_test"] == 50
     assert 0 <= hist[0]["row_space"]["true_in_A"] <= 1
 

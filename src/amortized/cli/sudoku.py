@@ -146,6 +146,11 @@ def _train_one(
         if history
         else {},
     }
+    # the pool of minimal 4×4 puzzles is small: say how many test puzzles were seen in training
+    seen = {p.tobytes() for p in ptr.astype(np.int8)}
+    result["test_puzzles_also_in_train"] = int(
+        sum(p.tobytes() in seen for p in pte.astype(np.int8))
+    )
     if name == "optnet":
         result["row_space"] = S.row_space_residual(model.A)
     _write_json(out / "results.json", result)
