@@ -125,6 +125,9 @@ def _train_one(
             row["test_qp_unsolved"] = stats["unsolved"]
             row["row_space"] = S.row_space_residual(model.A)
         history.append(row)
+        # a long run can be stopped at any time: keep the history so far on disk
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(out / "history.json", history)
         progress.update(
             ep_task,
             advance=1,
