@@ -266,6 +266,13 @@ def test_cli_generate_train_eval(tmp_path):
     assert hist[0]["n_train"] == 150 and hist[0]["n_test"] == 50
     assert 0 <= hist[0]["row_space"]["true_in_A"] <= 1
 
+    png = tmp_path / "all.png"
+    r = runner.invoke(
+        app, ["sudoku", "plot", str(ck / "optnet"), str(ck / "fc"), "--out", str(png)]
+    )
+    assert r.exit_code == 0, r.output
+    assert png.stat().st_size > 0
+
     # eval on a tiny hand-made file (int32, a puzzle with two solutions) and on the generated one
     tiny = tmp_path / "tiny.npz"
     two = GRID.copy()

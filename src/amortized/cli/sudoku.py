@@ -188,7 +188,7 @@ def _plot_errors(histories: dict[str, list[dict]], path: Path) -> None:
     ax.set_xlabel("epoch")
     ax.set_ylabel("fraction of boards wrong")
     ax.set_ylim(0, 1.02)
-    ax.set_title("4×4 Sudoku: train (dashed) and test (solid) error")
+    ax.set_title("4×4 Sudoku: train (dashed, during the epoch) and test (solid) error", fontsize=10)
     ax.legend()
     fig.tight_layout()
     tmp = path.with_name(path.name + ".tmp.png")
@@ -294,6 +294,28 @@ def train(
             },
         )
     console.print(f"written to {out}")
+
+
+@app.command()
+def plot(
+    runs: Annotated[list[Path], typer.Argument(help="Folders written by `sudoku train`.")],
+    out: Annotated[Path, typer.Option(help="PNG with the train/test error of every run.")],
+) -> None:
+    """One plot of train/test error per epoch for several training runs."""
+    histories = {}
+    for run in runs:
+        f = run / "results.json"
+        if not f.is_file():
+            raise typer.BadParameter(f"{f} not found: not a `sudoku train` folder")
+        r = json.loads(f.read_text())
+        if "history" not in r:
+            raise typer.BadParameter(f"{f} has no history (a multi-model summary?)")
+        histories[f"{r['model']} ({run.name})" if r["model"] in histories else r["model"]] = r[
+            "history"
+        ]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    _plot_errors(histories, out)
+    Console().print(f"plot written to {out}")
 
 
 def _plot_boards(puzzles, pred, solutions, wrong, path: Path, k: int = 8) -> None:
