@@ -81,14 +81,17 @@ class KKT:
             S = base.M * (keep.unsqueeze(-1) & keep.unsqueeze(-2))
             # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
             # M + diag(D) indefinite when rows of C are (nearly) dependent
-            scale = torch.finfo(D.dtype).eps * S.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
-            for boost in (1.0, 4.0 * S.shape[-1], 1e4 * S.shape[-1]):
+            scale = torch.finfo(D.dtype).eps * S.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True) \
+                if S.shape[-1] else S.new_zeros(S.shape[0], 1)
+            boost = torch.ones_like(scale)
+            for _ in range(3):
                 floor = delta + boost * scale
                 diag = torch.cat([torch.where(self.absent, 1.0, torch.maximum(D, floor)),
                                   floor.expand_as(d.b)], -1)
                 self.L_S, ok = cholesky(S + torch.diag_embed(diag))
                 if bool(ok.all()):
                     break
+                boost = torch.where(ok.unsqueeze(-1), boost, boost * 30 * S.shape[-1])
             self.ok = ok & base.ok
             self.keep = keep
             return

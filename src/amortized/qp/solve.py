@@ -103,7 +103,7 @@ def solve_qp(
         params = [x if x is not None and x.numel() else None for x in params]
         F = _kkt_with_defaults(B, n, p)
         z, lam, nu = implicit_root(F, _warn_unsolved(transpose_solver(r.kkt, s, lam, solved), solved),
-                                   (z, lam, nu), params)
+                                   (z, lam, nu), params, refine=2)
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
 
