@@ -22,7 +22,11 @@ def qp():
         (lambda a: a.__setitem__(3, a[3][:, :-1]), ValueError, r"G has shape .* m = 29"),
         (lambda a: a.__setitem__(5, a[5][:2]), ValueError, r"inconsistent batch sizes"),
         (lambda a: a.__setitem__(3, None), ValueError, r"G/h: give both or neither"),
-        (lambda a: a.__setitem__(0, a[0].float()), TypeError, r"Q has dtype torch.float32 but p has torch.float64"),
+        (
+            lambda a: a.__setitem__(0, a[0].float()),
+            TypeError,
+            r"Q has dtype torch.float32 but p has torch.float64",
+        ),
         (lambda a: a.__setitem__(1, a[1].long()), TypeError, r"p has dtype torch.int64"),
         (lambda a: a.__setitem__(2, a[2].to("meta")), ValueError, r"G is on meta but p is on cpu"),
         (lambda a: a.__setitem__(1, a[1].numpy()), TypeError, r"must be torch tensors"),

@@ -21,7 +21,12 @@ def test_gradcheck_all_arguments_and_duals():
 def test_gradcheck_box_and_equality_only():
     Q, p, G, h, _, _ = FAMILIES["box"](2, torch.float64, torch.Generator().manual_seed(1))
     n = 6
-    Q, p, G, h = Q[:, :n, :n], p[:, :n], torch.cat([torch.eye(n), -torch.eye(n)]).double().expand(2, -1, -1), h[:, : 2 * n]
+    Q, p, G, h = (
+        Q[:, :n, :n],
+        p[:, :n],
+        torch.cat([torch.eye(n), -torch.eye(n)]).double().expand(2, -1, -1),
+        h[:, : 2 * n],
+    )
     args = [x.clone().requires_grad_() for x in (Q, p, G, h)]
     assert torch.autograd.gradcheck(lambda *a: _solve(*a)[0], args, eps=1e-6, atol=1e-5, rtol=1e-4)
     Q, p, _, _, A, b = FAMILIES["equality"](2, torch.float64, torch.Generator().manual_seed(2))

@@ -31,8 +31,12 @@ def kkt_residual(data, sol):
     prim = torch.cat([(mv(G, z) - h).clamp(min=0), (mv(A, z) - b).abs()], -1)
     comp = (lam * (h - mv(G, z))).abs()
     scale = 1 + max(x.abs().max() for x in (Q, p, G, h, A, b) if x.numel())
-    parts = [stat.abs().amax(-1), prim.amax(-1) if prim.shape[-1] else 0 * z[:, 0],
-             comp.amax(-1) if comp.shape[-1] else 0 * z[:, 0], (-lam).clamp(min=0).amax(-1) if lam.shape[-1] else 0 * z[:, 0]]
+    parts = [
+        stat.abs().amax(-1),
+        prim.amax(-1) if prim.shape[-1] else 0 * z[:, 0],
+        comp.amax(-1) if comp.shape[-1] else 0 * z[:, 0],
+        (-lam).clamp(min=0).amax(-1) if lam.shape[-1] else 0 * z[:, 0],
+    ]
     return (torch.stack(parts).amax(0) / scale).max().item()
 
 
