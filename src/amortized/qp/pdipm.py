@@ -150,7 +150,7 @@ def pdipm(
     *,
     eps: float,
     max_iter: int,
-    check_every: int = 3,
+    check_every: int = 2,
     warm_start: Tensor | None = None,
     polish: bool = True,
 ) -> PDIPMResult:
