@@ -64,9 +64,8 @@ def dual_base(d: QPData, rho: float) -> DualBase | None:
     scale = 1 + d.Q.abs().amax(dim=(-2, -1))
     if not bool((ok & (pivot >= torch.finfo(d.Q.dtype).eps ** 0.5 * scale)).all()):
         return None
-    C = torch.cat([d.G, d.A], dim=-2)
-    HinvCt = cholesky_solve(L, C.mT)
-    return DualBase(L, HinvCt, C @ HinvCt, ok)
+    HinvCt = cholesky_solve(L, d.C.mT)
+    return DualBase(L, HinvCt, d.C @ HinvCt, ok)
 
 
 class KKT:
@@ -85,6 +84,7 @@ class KKT:
         active_set: bool = False,
     ):
         self.d, self.D, self.base, self.active_set = d, D, base, active_set
+        self._r1 = None
         self.absent = torch.isinf(D) if active_set else None
         self.hard = D == 0 if active_set else None
         if base is not None:
@@ -155,8 +155,11 @@ class KKT:
             r_i = torch.where(self.absent, 0.0, r_i)
         if self.base is not None:
             b = self.base
-            x0 = cholesky_solve(b.L_H, r1)
-            rhs = (r1.unsqueeze(-2) @ b.HinvCt).squeeze(-2) - torch.cat([r_i, r_e], -1)  # C H⁻¹ r1 − r2
+            if r1 is not self._r1:  # predictor and corrector share r1: reuse H⁻¹r1, C H⁻¹r1
+                self._r1, self._x0 = r1, cholesky_solve(b.L_H, r1)
+                self._CHr = (r1.unsqueeze(-2) @ b.HinvCt).squeeze(-2)
+            x0 = self._x0
+            rhs = self._CHr - torch.cat([r_i, r_e], -1)  # C H⁻¹ r1 − r2
             y = cholesky_solve(self.L_S, rhs * self.keep if self.active_set else rhs)
             return x0 - mv(b.HinvCt, y), y[..., :m], y[..., m:]
         r1 = r1 + rmv(self.d.G, self.W * r_i)

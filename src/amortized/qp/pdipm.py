@@ -52,11 +52,19 @@ class Residuals:
 
     def __init__(self, d: QPData, it: Iterate):
         self.d, self.it = d, it
-        self.Qz, self.Gz, self.Az = mv(d.Q, it.z), mv(d.G, it.z), mv(d.A, it.z)
-        self.Gt_lam, self.At_nu = rmv(d.G, it.lam), rmv(d.A, it.nu)
-        self.r_d = self.Qz + d.p + self.Gt_lam + self.At_nu  # Qz + p + Gᵀλ + Aᵀν
+        m = it.lam.shape[-1]
+        Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
+        self.Qz, self.Gz, self.Az = mv(d.Q, it.z), Cz[..., :m], Cz[..., m:]
+        self.Ct_y = rmv(d.C, torch.cat([it.lam, it.nu], -1))  # Gᵀλ + Aᵀν
+        self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
         self.r_i = self.Gz + it.s - d.h  # Gz + s − h
         self.r_e = self.Az - d.b  # Az − b
+
+    @cached_property
+    def neg_r_d(self) -> Tensor:
+        """−r_d, one tensor shared by the predictor and corrector solves (so the
+        factorization can reuse H⁻¹(−r_d), see KKT)."""
+        return -self.r_d
 
     @cached_property
     def primal(self) -> Tensor:
@@ -86,7 +94,7 @@ class Residuals:
         """(B,) the largest of primal, dual and gap relative to their scales."""
         d = self.d
         primal_scale = torch.stack([_amax(self.Gz), _amax(d.h), _amax(self.Az), _amax(d.b)]).amax(0)
-        dual_scale = torch.stack([_amax(self.Qz), _amax(d.p), _amax(self.Gt_lam), _amax(self.At_nu)]).amax(0)
+        dual_scale = torch.stack([_amax(self.Qz), _amax(d.p), _amax(self.Ct_y)]).amax(0)
         gap_scale = torch.stack([x.abs() for x in self._gap_terms]).amax(0)
         return torch.stack(
             [
@@ -104,7 +112,7 @@ def residuals(d: QPData, it: Iterate) -> Residuals:
 def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> Iterate:
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
-    dz, dlam, dnu = kkt.solve(-res.r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
+    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
     return Iterate(dz, -res.r_i - mv(kkt.d.G, dz), dlam, dnu)
 
 
