@@ -259,15 +259,26 @@ def _polish(
     interior point ones. Returns the updated iterate, residuals, iteration KKT, final
     KKT (for the backward) and the done mask."""
     hard = it.lam > it.s
-    D = torch.where(hard, 0.0, torch.inf)
-    pk = KKT(d, D, active_set=True, **kkt_args)
-    # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-    z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
+    eps_m = 10 * torch.finfo(d.p.dtype).eps
+    for _ in range(3):
+        pk = KKT(d, torch.where(hard, 0.0, torch.inf), active_set=True, **kkt_args)
+        # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
+        z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
+        Gz = mv(d.G, z)
+        # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
+        # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
+        lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)
+        row_tol = eps_m * (1 + d.h.abs() + Gz.abs())
+        drop = hard & (lam < -lam_tol)
+        add = ~hard & (Gz - d.h > row_tol)
+        wrong = ready & (drop | add).any(-1)
+        if not bool(wrong.any()):
+            break
+        hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
-    cand = Iterate(z, (d.h - mv(d.G, z)).clamp(min=0), lam.clamp(min=0), nu)
+    cand = Iterate(z, (d.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
     cres = residuals(d, cand)
-    tol = torch.finfo(z.dtype).eps ** 0.5 * (1 + _amax(lam))
-    done = ready & pk.ok & (lam >= -tol.unsqueeze(-1)).all(-1) & (cres.relative() <= eps)
+    done = ready & pk.ok & ~wrong & (cres.relative() <= eps)
     it = cand.where(done, it)
     res = residuals(d, it)
     final_kkt = pk if final_kkt is None else _select(done, pk, final_kkt, d, it, kkt_args)
