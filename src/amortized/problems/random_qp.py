@@ -16,8 +16,16 @@ def _mv(M: Tensor, x: Tensor) -> Tensor:
     return (M @ x.unsqueeze(-1)).squeeze(-1)
 
 
-def random_qp(B: int, n: int, m: int, q: int, *, dtype=torch.float64,
-              generator: torch.Generator | None = None, Q_reg: float = 1e-3) -> QP:
+def random_qp(
+    B: int,
+    n: int,
+    m: int,
+    q: int,
+    *,
+    dtype=torch.float64,
+    generator: torch.Generator | None = None,
+    Q_reg: float = 1e-3,
+) -> QP:
     """OptNet's protocol: Q = LLᵀ/n + Q_reg·I, p, G, A ~ N(0, 1), and a point z0 with
     Gz0 < h, Az0 = b (h = Gz0 + U[0,1], b = Az0)."""
     L = _randn(generator, dtype, B, n, n)
@@ -50,7 +58,14 @@ def degenerate_qp(B: int, n: int, m: int, q: int, *, dtype=torch.float64, genera
     if z0 is not None:
         tight = _mv(G, z0)
         h = torch.where(torch.arange(m) % 3 == 0, tight, h)
-    return Q, p, torch.cat([G, G], 1), torch.cat([h, h], 1), torch.cat([A, A], 1), torch.cat([b, b], 1)
+    return (
+        Q,
+        p,
+        torch.cat([G, G], 1),
+        torch.cat([h, h], 1),
+        torch.cat([A, A], 1),
+        torch.cat([b, b], 1),
+    )
 
 
 def lp_box(B: int, n: int, m: int, *, dtype=torch.float64, generator=None) -> QP:

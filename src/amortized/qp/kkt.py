@@ -7,7 +7,9 @@ solve at a solution, for implicit differentiation (OptNet, Amos & Kolter 2017, e
 import torch
 from torch import Tensor
 
-from amortized.qp.kkt_system import KKT, mv as _mv, rmv as _rmv
+from amortized.qp.kkt_system import KKT
+from amortized.qp.kkt_system import mv as _mv
+from amortized.qp.kkt_system import rmv as _rmv
 
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:

@@ -64,44 +64,75 @@ def dual_base(d: QPData, rho: float) -> DualBase | None:
     scale = 1 + d.Q.abs().amax(dim=(-2, -1))
     if not bool((ok & (pivot >= torch.finfo(d.Q.dtype).eps ** 0.5 * scale)).all()):
         return None
-    C = torch.cat([d.G, d.A], dim=-2)
-    HinvCt = cholesky_solve(L, C.mT)
-    return DualBase(L, HinvCt, C @ HinvCt, ok)
+    HinvCt = cholesky_solve(L, d.C.mT)
+    return DualBase(L, HinvCt, d.C @ HinvCt, ok)
 
 
 class KKT:
-    def __init__(self, d: QPData, D: Tensor, *, rho: float, delta: float,
-                 base: DualBase | None = None, has_hard: bool = False):
-        self.d, self.D, self.base = d, D, base
-        self.absent = torch.isinf(D)
-        self.hard = D == 0
-        m = D.shape[-1]
+    """The system above, factored. `active_set=True` allows D ∈ {0, ∞} entries (the polish
+    and the backward); otherwise 0 < D < ∞ (the interior point iterations), which skips
+    the masking work."""
+
+    def __init__(
+        self,
+        d: QPData,
+        D: Tensor,
+        *,
+        rho: float,
+        delta: float,
+        base: DualBase | None = None,
+        active_set: bool = False,
+    ):
+        self.d, self.D, self.base, self.active_set = d, D, base, active_set
+        self._r1 = None
+        self.absent = torch.isinf(D) if active_set else None
+        self.hard = D == 0 if active_set else None
         if base is not None:
-            keep = torch.cat([~self.absent, torch.ones_like(d.b, dtype=torch.bool)], -1)
-            S = base.M * (keep.unsqueeze(-1) & keep.unsqueeze(-2))
-            # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
-            # M + diag(D) indefinite when rows of C are (nearly) dependent
-            scale = torch.finfo(D.dtype).eps * S.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True)
-            for boost in (1.0, 4.0 * S.shape[-1], 1e4 * S.shape[-1]):
-                floor = delta + boost * scale
-                diag = torch.cat([torch.where(self.absent, 1.0, torch.maximum(D, floor)),
-                                  floor.expand_as(d.b)], -1)
-                self.L_S, ok = cholesky(S + torch.diag_embed(diag))
-                if bool(ok.all()):
-                    break
-            self.ok = ok & base.ok
-            self.keep = keep
-            return
-        soft = ~self.absent & ~self.hard
-        self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
-        self.H0 = d.Q + (d.G.mT * self.W.unsqueeze(-2)) @ d.G if m else d.Q
-        diag = self.H0.diagonal(dim1=-2, dim2=-1)
-        eps = torch.finfo(D.dtype).eps
+            self._factor_dual(base, delta)
+        else:
+            self._factor_primal(rho, delta)
+
+    def _factor_dual(self, base: DualBase, delta: float) -> None:
+        d, D = self.d, self.D
+        if self.active_set:
+            # rows left out decouple: zero row and column of M, unit diagonal, zero right side
+            self.keep = torch.cat([~self.absent, torch.ones_like(d.b, dtype=torch.bool)], -1)
+            S = base.M * (self.keep.unsqueeze(-1) & self.keep.unsqueeze(-2))
+            D = torch.where(self.absent, 1.0, D)
+        else:
+            S = base.M.clone()
+        # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
+        # M + diag(D) indefinite when rows of C are (nearly) dependent
+        Sd = S.diagonal(dim1=-2, dim2=-1)
+        scale = (
+            torch.finfo(D.dtype).eps * Sd.abs().amax(-1, keepdim=True)
+            if S.shape[-1]
+            else S.new_zeros(S.shape[0], 1)
+        )
+        M_diag = Sd.clone()
+        boost = torch.ones_like(scale)
+        for _ in range(3):
+            floor = delta + boost * scale
+            Sd.copy_(M_diag + torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1))
+            self.L_S, ok = cholesky(S)
+            if bool(ok.all()):
+                break
+            boost = torch.where(ok.unsqueeze(-1), boost, boost * 30 * S.shape[-1])
+        self.ok = ok & base.ok
+
+    def _factor_primal(self, rho: float, delta: float) -> None:
+        d, D = self.d, self.D
+        if self.active_set:
+            soft = ~self.absent & ~self.hard
+            self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
+        else:
+            self.W = 1 / D
+        self.H0 = d.Q + (d.G.mT * self.W.unsqueeze(-2)) @ d.G if D.shape[-1] else d.Q
+        H = self.H0.clone()
+        Hd = H.diagonal(dim1=-2, dim2=-1)
         # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
-        rho_b = rho + 4 * diag.shape[-1] * eps * diag.abs().amax(-1)
-        H = self.H0 + torch.diag_embed(rho_b.unsqueeze(-1).expand_as(diag))
-        self.has_hard = has_hard
-        if has_hard:
+        Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
+        if self.active_set:
             C = torch.cat([d.G * self.hard.unsqueeze(-1), d.A], dim=-2)
             dvec = torch.cat([torch.where(self.hard, delta, 1.0), torch.full_like(d.b, delta)], -1)
             self.factor = factor_saddle(H, C, dvec)
@@ -112,28 +143,32 @@ class KKT:
     def apply(self, x: Tensor, y_i: Tensor, y_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The exact (unregularized) operator."""
         d = self.d
-        r_i = torch.where(self.absent, 0.0, mv(d.G, x) - torch.where(self.absent, 0.0, self.D) * y_i)
+        if self.active_set:
+            r_i = torch.where(self.absent, 0.0, mv(d.G, x) - torch.where(self.absent, 0.0, self.D) * y_i)
+        else:
+            r_i = mv(d.G, x) - self.D * y_i
         return mv(d.Q, x) + rmv(d.G, y_i) + rmv(d.A, y_e), r_i, mv(d.A, x)
 
     def _solve_once(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = r_i.shape[-1]
-        r_i = torch.where(self.absent, 0.0, r_i)
+        if self.active_set:
+            r_i = torch.where(self.absent, 0.0, r_i)
         if self.base is not None:
             b = self.base
-            x0 = cholesky_solve(b.L_H, r1)
-            CHr = (r1.unsqueeze(-2) @ b.HinvCt).squeeze(-2)  # C H⁻¹ r1, as H⁻¹ is symmetric
-            y = cholesky_solve(self.L_S, (CHr - torch.cat([r_i, r_e], -1)) * self.keep)
-            x = x0 - mv(b.HinvCt, y)
-            return x, y[..., :m], y[..., m:]
+            if r1 is not self._r1:  # predictor and corrector share r1: reuse H⁻¹r1, C H⁻¹r1
+                self._r1, self._x0 = r1, cholesky_solve(b.L_H, r1)
+                self._CHr = (r1.unsqueeze(-2) @ b.HinvCt).squeeze(-2)
+            x0 = self._x0
+            rhs = self._CHr - torch.cat([r_i, r_e], -1)  # C H⁻¹ r1 − r2
+            y = cholesky_solve(self.L_S, rhs * self.keep if self.active_set else rhs)
+            return x0 - mv(b.HinvCt, y), y[..., :m], y[..., m:]
         r1 = r1 + rmv(self.d.G, self.W * r_i)
-        if self.has_hard:
+        if self.active_set:
             x, y = self.factor.solve(r1, torch.cat([r_i * self.hard, r_e], -1))
-            y_h, y_e = y[..., :m], y[..., m:]
-        else:
-            x, y_e = self.factor.solve(r1, r_e)
-            y_h = torch.zeros_like(r_i)
-        y_i = torch.where(self.hard, y_h, self.W * (mv(self.d.G, x) - r_i))
-        return x, y_i, y_e
+            y_i = torch.where(self.hard, y[..., :m], self.W * (mv(self.d.G, x) - r_i))
+            return x, y_i, y[..., m:]
+        x, y_e = self.factor.solve(r1, r_e)
+        return x, self.W * (mv(self.d.G, x) - r_i), y_e
 
     def solve(self, r1: Tensor, r_i: Tensor, r_e: Tensor, refine: int = 1):
         """(x, y_i, y_e), refined `refine` times against the exact operator."""

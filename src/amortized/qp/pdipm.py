@@ -14,7 +14,8 @@ exact to working precision without driving λ/s to extremes, and its factorizati
 one the implicit backward reuses. Problems whose polish fails keep iterating.
 """
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -45,46 +46,73 @@ def _amax(x: Tensor) -> Tensor:
     return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
 
 
-@dataclass(frozen=True)
 class Residuals:
-    """Residuals (B, ·), their ∞-norms and per-problem scales (B,) for relative tests."""
+    """Residual vectors (B, ·) at an iterate; their norms, scales and the duality gap (B,)
+    are computed on first use only (at convergence checks)."""
 
-    r_d: Tensor  # Qz + p + Gᵀλ + Aᵀν
-    r_i: Tensor  # Gz + s − h
-    r_e: Tensor  # Az − b
-    dual: Tensor
-    primal: Tensor
-    gap: Tensor
-    scales: Tensor  # (3, B): primal, dual, gap
+    def __init__(self, d: QPData, it: Iterate):
+        self.d, self.it = d, it
+        m = it.lam.shape[-1]
+        Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
+        self.Qz, self.Gz, self.Az = mv(d.Q, it.z), Cz[..., :m], Cz[..., m:]
+        self.Ct_y = rmv(d.C, torch.cat([it.lam, it.nu], -1))  # Gᵀλ + Aᵀν
+        self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
+        self.r_i = self.Gz + it.s - d.h  # Gz + s − h
+        self.r_e = self.Az - d.b  # Az − b
+
+    @cached_property
+    def neg_r_d(self) -> Tensor:
+        """−r_d, one tensor shared by the predictor and corrector solves (so the
+        factorization can reuse H⁻¹(−r_d), see KKT)."""
+        return -self.r_d
+
+    @cached_property
+    def primal(self) -> Tensor:
+        return torch.maximum(_amax(self.r_i), _amax(self.r_e))
+
+    @cached_property
+    def dual(self) -> Tensor:
+        return _amax(self.r_d)
+
+    @cached_property
+    def _gap_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        d, it = self.d, self.it
+        return (
+            (it.z * self.Qz).sum(-1),
+            (d.p * it.z).sum(-1),
+            (d.h * it.lam).sum(-1),
+            (d.b * it.nu).sum(-1),
+        )
+
+    @cached_property
+    def gap(self) -> Tensor:
+        """Duality gap of the Lagrangian dual, zᵀQz + pᵀz + hᵀλ + bᵀν (= sᵀλ when feasible)."""
+        zQz, pz, hl, bn = self._gap_terms
+        return torch.maximum((zQz + pz + hl + bn).abs(), (self.it.s * self.it.lam).sum(-1))
 
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
-        return (torch.stack([self.primal, self.dual, self.gap]) / self.scales).amax(0)
+        d = self.d
+        primal_scale = torch.stack([_amax(self.Gz), _amax(d.h), _amax(self.Az), _amax(d.b)]).amax(0)
+        dual_scale = torch.stack([_amax(self.Qz), _amax(d.p), _amax(self.Ct_y)]).amax(0)
+        gap_scale = torch.stack([x.abs() for x in self._gap_terms]).amax(0)
+        return torch.stack(
+            [
+                self.primal / (1 + primal_scale),
+                self.dual / (1 + dual_scale),
+                self.gap / (1 + gap_scale),
+            ]
+        ).amax(0)
 
 
 def residuals(d: QPData, it: Iterate) -> Residuals:
-    Qz, Gz, Az = mv(d.Q, it.z), mv(d.G, it.z), mv(d.A, it.z)
-    Gt_lam, At_nu = rmv(d.G, it.lam), rmv(d.A, it.nu)
-    r_d = Qz + d.p + Gt_lam + At_nu
-    r_i = Gz + it.s - d.h
-    r_e = Az - d.b
-    # duality gap of the Lagrangian dual, zᵀQz + pᵀz + hᵀλ + bᵀν (= sᵀλ when feasible)
-    zQz, pz = (it.z * Qz).sum(-1), (d.p * it.z).sum(-1)
-    hl, bn = (d.h * it.lam).sum(-1), (d.b * it.nu).sum(-1)
-    gap = torch.maximum((zQz + pz + hl + bn).abs(), (it.s * it.lam).sum(-1))
-    scales = 1 + torch.stack([
-        torch.stack([_amax(Gz), _amax(d.h), _amax(Az), _amax(d.b)]).amax(0),
-        torch.stack([_amax(Qz), _amax(d.p), _amax(Gt_lam), _amax(At_nu)]).amax(0),
-        torch.stack([zQz.abs(), pz.abs(), hl.abs(), bn.abs()]).amax(0),
-    ])
-    primal = torch.maximum(_amax(r_i), _amax(r_e))
-    return Residuals(r_d, r_i, r_e, _amax(r_d), primal, gap, scales)
+    return Residuals(d, it)
 
 
 def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> Iterate:
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
-    dz, dlam, dnu = kkt.solve(-res.r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
+    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
     return Iterate(dz, -res.r_i - mv(kkt.d.G, dz), dlam, dnu)
 
 
@@ -130,7 +158,7 @@ def pdipm(
     *,
     eps: float,
     max_iter: int,
-    check_every: int = 3,
+    check_every: int = 2,
     warm_start: Tensor | None = None,
     polish: bool = True,
 ) -> PDIPMResult:
@@ -149,12 +177,13 @@ def pdipm(
     use_dual = m + q <= 2 * n or dtype != torch.float64
     base: DualBase | None = dual_base(d, rho) if use_dual else None
     kkt_args = {"rho": rho, "delta": delta, "base": base}
-    refine = 1 if dtype == torch.float64 else 2
-    eps_inf = finfo.eps ** 0.5
+    # Newton directions need not be exact (convergence is judged on true residuals)
+    refine = 0 if dtype == torch.float64 else 2
+    eps_inf = max(1e-6, finfo.eps**0.5)
     # the polish takes over from a loose tolerance: the interior point method need not
     # push λ/s to the extremes where its systems lose accuracy
     eps_polish = max(eps, finfo.eps ** (1 / 3 if dtype == torch.float64 else 1 / 4)) if polish and m else eps
-    floor = finfo.tiny ** 0.5
+    floor = finfo.tiny**0.5
 
     status = torch.where(active, MAX_ITER, NUMERICAL)
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
@@ -165,7 +194,7 @@ def pdipm(
     for k in range(max_iter + 1):
         res = residuals(d, it)
         kkt = KKT(d, it.s / it.lam, **kkt_args)
-        broken = running & ~(kkt.ok & torch.isfinite(res.primal + res.dual + res.gap))
+        broken = running & ~kkt.ok
         status = torch.where(broken, NUMERICAL, status)
         running = running & ~broken
         if k % check_every == 0 or k == max_iter:
@@ -214,23 +243,42 @@ def pdipm(
     return PDIPMResult(it, res, status, iters, kkt if final_kkt is None else final_kkt)
 
 
-def _polish(d: QPData, it: Iterate, res: Residuals, kkt: KKT, final_kkt: KKT | None,
-            ready: Tensor, eps: float, kkt_args: dict):
+def _polish(
+    d: QPData,
+    it: Iterate,
+    res: Residuals,
+    kkt: KKT,
+    final_kkt: KKT | None,
+    ready: Tensor,
+    eps: float,
+    kkt_args: dict,
+):
     """Active-set polish of the `ready` problems: solve the QP with the constraints
     {λ > s} as equalities and the others dropped. A problem is done when the polished
     point is dual feasible and meets eps; then its point and factorization replace the
     interior point ones. Returns the updated iterate, residuals, iteration KKT, final
     KKT (for the backward) and the done mask."""
     hard = it.lam > it.s
-    D = torch.where(hard, 0.0, torch.inf)
-    pk = KKT(d, D, has_hard=True, **kkt_args)
-    # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-    z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
+    eps_m = 10 * torch.finfo(d.p.dtype).eps
+    for _ in range(3):
+        pk = KKT(d, torch.where(hard, 0.0, torch.inf), active_set=True, **kkt_args)
+        # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
+        z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
+        Gz = mv(d.G, z)
+        # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
+        # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
+        lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)
+        row_tol = eps_m * (1 + d.h.abs() + Gz.abs())
+        drop = hard & (lam < -lam_tol)
+        add = ~hard & (Gz - d.h > row_tol)
+        wrong = ready & (drop | add).any(-1)
+        if not bool(wrong.any()):
+            break
+        hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
-    cand = Iterate(z, (d.h - mv(d.G, z)).clamp(min=0), lam.clamp(min=0), nu)
+    cand = Iterate(z, (d.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
     cres = residuals(d, cand)
-    tol = torch.finfo(z.dtype).eps ** 0.5 * (1 + _amax(lam))
-    done = ready & pk.ok & (lam >= -tol.unsqueeze(-1)).all(-1) & (cres.relative() <= eps)
+    done = ready & pk.ok & ~wrong & (cres.relative() <= eps)
     it = cand.where(done, it)
     res = residuals(d, it)
     final_kkt = pk if final_kkt is None else _select(done, pk, final_kkt, d, it, kkt_args)
@@ -239,7 +287,7 @@ def _polish(d: QPData, it: Iterate, res: Residuals, kkt: KKT, final_kkt: KKT | N
 
 def _select(mask: Tensor, a: KKT, b: KKT, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
     """One KKT for the backward: a's compliance where mask, else b's (refactored)."""
-    return KKT(d, torch.where(mask.unsqueeze(-1), a.D, b.D), has_hard=True, **kkt_args)
+    return KKT(d, torch.where(mask.unsqueeze(-1), a.D, b.D), active_set=True, **kkt_args)
 
 
 def _merge(final_kkt: KKT, kkt: KKT, newly: Tensor, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
