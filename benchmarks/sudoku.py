@@ -30,9 +30,9 @@ def clarabel(Q, p, G, h, A, b):
     import cvxpy as cp
 
     z = cp.Variable(p.shape[0])
-    cp.Problem(
-        cp.Minimize(0.5 * cp.quad_form(z, cp.psd_wrap(Q)) + p @ z), [G @ z <= h, A @ z == b]
-    ).solve(solver="CLARABEL", tol_feas=1e-10, tol_gap_abs=1e-10, tol_gap_rel=1e-10)
+    cp.Problem(cp.Minimize(0.5 * cp.quad_form(z, cp.psd_wrap(Q)) + p @ z), [G @ z <= h, A @ z == b]).solve(
+        solver="CLARABEL", tol_feas=1e-10, tol_gap_abs=1e-10, tol_gap_rel=1e-10
+    )
     return z.value
 
 
@@ -146,9 +146,7 @@ def main() -> None:
         f"{rel(gA_ours / B, gA_qpth):.1e}; "
         f"of dlog z0: {rel(gz_ours / B, gz_qpth):.1e}"
     )
-    print(
-        f"relative difference of dA, float32 vs float64 (ours): {rel(gA_f32.double(), gA_ours):.1e}"
-    )
+    print(f"relative difference of dA, float32 vs float64 (ours): {rel(gA_f32.double(), gA_ours):.1e}")
 
 
 if __name__ == "__main__":

@@ -135,9 +135,7 @@ def test_optnet_forward_matches_clarabel():
         np.testing.assert_allclose(z[i].numpy(), v.value, atol=1e-6)
     # feasible: z >= 0 and A z = b, so every cell's digit weights sum to 1 under the true rules
     assert z.min() > -1e-8
-    torch.testing.assert_close(
-        z.reshape(40, 16, 4).sum(-1), torch.ones(40, 16, dtype=torch.float64)
-    )
+    torch.testing.assert_close(z.reshape(40, 16, 4).sum(-1), torch.ones(40, 16, dtype=torch.float64))
 
 
 @pytest.mark.parametrize("dtype", [torch.float64])
@@ -267,9 +265,7 @@ def test_cli_generate_train_eval(tmp_path):
     assert 0 <= hist[0]["row_space"]["true_in_A"] <= 1
 
     png = tmp_path / "all.png"
-    r = runner.invoke(
-        app, ["sudoku", "plot", str(ck / "optnet"), str(ck / "fc"), "--out", str(png)]
-    )
+    r = runner.invoke(app, ["sudoku", "plot", str(ck / "optnet"), str(ck / "fc"), "--out", str(png)])
     assert r.exit_code == 0, r.output
     assert png.stat().st_size > 0
 

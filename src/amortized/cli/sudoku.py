@@ -45,9 +45,7 @@ def _progress(console: Console) -> Progress:
 
 @app.command()
 def generate(
-    out: Annotated[
-        Path, typer.Option(help="Output .npz: int arrays puzzles, solutions (N, 4, 4).")
-    ],
+    out: Annotated[Path, typer.Option(help="Output .npz: int arrays puzzles, solutions (N, 4, 4).")],
     n: Annotated[int, typer.Option(min=1, help="Number of puzzles.")] = 10000,
     seed: Annotated[int, typer.Option(help="Random seed (the file depends only on n, seed).")] = 0,
 ) -> None:
@@ -151,9 +149,7 @@ def _train_one(
     }
     # the pool of minimal 4×4 puzzles is small: say how many test puzzles were seen in training
     seen = {p.tobytes() for p in ptr.astype(np.int8)}
-    result["test_puzzles_also_in_train"] = int(
-        sum(p.tobytes() in seen for p in pte.astype(np.int8))
-    )
+    result["test_puzzles_also_in_train"] = int(sum(p.tobytes() in seen for p in pte.astype(np.int8)))
     if name == "optnet":
         result["row_space"] = S.row_space_residual(model.A)
     _write_json(out / "results.json", result)
@@ -212,15 +208,13 @@ def _load_split(data: Path | None, n: int, n_test: int, seed: int):
 def train(
     out: Annotated[Path, typer.Option(help="Folder for checkpoint, results.json, errors.png.")],
     model: Annotated[
-        list[str], typer.Option(help="optnet, fc, conv or all; repeat for several.")
-    ] = ["optnet"],  # noqa: B006 (typer reads the default, never mutates it)
+        list[str] | None, typer.Option(help="optnet, fc, conv or all; repeat for several [optnet].")
+    ] = None,
     data: Annotated[
         Path | None, typer.Option(help="Puzzle .npz (default: generate --n puzzles, --seed).")
     ] = None,
     n: Annotated[int, typer.Option(min=2, help="Puzzles to generate without --data.")] = 10000,
-    n_test: Annotated[
-        int, typer.Option(min=1, help="The last n_test puzzles are the test set.")
-    ] = 1000,
+    n_test: Annotated[int, typer.Option(min=1, help="The last n_test puzzles are the test set.")] = 1000,
     epochs: Annotated[int, typer.Option(min=1)] = 10,
     batch_size: Annotated[int, typer.Option(min=1)] = 150,
     lr: Annotated[
@@ -235,6 +229,7 @@ def train(
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
 ) -> None:
     """Train OptNet's Sudoku layer and/or the FC and Conv baselines."""
+    model = model or ["optnet"]
     names = sorted(S.MODELS) if "all" in model else list(dict.fromkeys(model))
     for name in names:
         if name not in S.MODELS:
@@ -288,10 +283,7 @@ def train(
         _plot_errors({k: v["history"] for k, v in results.items()}, out / "errors.png")
         _write_json(
             out / "results.json",
-            {
-                k: {"final": v["final"], "total_seconds": v["total_seconds"]}
-                for k, v in results.items()
-            },
+            {k: {"final": v["final"], "total_seconds": v["total_seconds"]} for k, v in results.items()},
         )
     console.print(f"written to {out}")
 
@@ -310,9 +302,7 @@ def plot(
         r = json.loads(f.read_text())
         if "history" not in r:
             raise typer.BadParameter(f"{f} has no history (a multi-model summary?)")
-        histories[f"{r['model']} ({run.name})" if r["model"] in histories else r["model"]] = r[
-            "history"
-        ]
+        histories[f"{r['model']} ({run.name})" if r["model"] in histories else r["model"]] = r["history"]
     out.parent.mkdir(parents=True, exist_ok=True)
     _plot_errors(histories, out)
     Console().print(f"plot written to {out}")
@@ -432,9 +422,7 @@ def sudoku_step(out: Path, progress: Progress, seed: int) -> list[dict]:
     t = time.perf_counter()
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message="solve_qp backward", category=RuntimeWarning)
-        r = S.train_epoch(
-            model, opt, ptr, str_, 150, torch.Generator().manual_seed(seed), callback=cb
-        )
+        r = S.train_epoch(model, opt, ptr, str_, 150, torch.Generator().manual_seed(seed), callback=cb)
     per_batch = (time.perf_counter() - t) / n_batches
     mse1, wrong1 = test_mse_and_wrong()
     case = "OptNet, 1200 train / 300 test, 1 epoch, float64"
