@@ -149,7 +149,18 @@ class PDIPMResult:
     res: Residuals
     status: Tensor
     iters: Tensor
-    kkt: KKT  # factored at the returned solution of every SOLVED problem
+    factored: KKT | None  # factored at every SOLVED problem's returned point, if one is
+    D: Tensor  # else the compliance to factor at, (B, m)
+    d: QPData
+    kkt_args: dict
+
+    @cached_property
+    def kkt(self) -> KKT:
+        """The KKT system at the solution, for the implicit backward; factored only when
+        no iteration or polish left one that fits every problem."""
+        if self.factored is not None:
+            return self.factored
+        return KKT(self.d, self.D, active_set=True, **self.kkt_args)
 
 
 def pdipm(
@@ -189,7 +200,11 @@ def pdipm(
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
     it = _initial_point(d, kkt_args, warm_start)
     running = active.clone()
-    final_kkt = None
+    # the backward reuses the factorization at each problem's returned point: the last
+    # iteration's for problems the interior point method finished, a polish's otherwise
+    polished = torch.zeros_like(active)
+    polish_D = None
+    tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
 
     for k in range(max_iter + 1):
         res = residuals(d, it)
@@ -200,11 +215,18 @@ def pdipm(
         if k % check_every == 0 or k == max_iter:
             rel = res.relative()
             if eps_polish > eps:
-                ready = running & (rel <= eps_polish)
+                # retry a failed polish only after a tenfold progress
+                ready = running & (rel <= eps_polish) & (rel <= 0.1 * tried)
                 if bool(ready.any()):
-                    it, res, kkt, final_kkt, done = _polish(d, it, res, kkt, final_kkt, ready, eps, kkt_args)
-                    status = torch.where(done, SOLVED, status)
-                    running = running & ~done
+                    tried = torch.where(ready, rel, tried)
+                    it, D_act, pk_done = _polish(d, it, ready, eps, kkt_args)
+                    res = residuals(d, it)
+                    polish_D = torch.where(
+                        pk_done.unsqueeze(-1), D_act, it.s if polish_D is None else polish_D
+                    )
+                    polished |= pk_done
+                    status = torch.where(pk_done, SOLVED, status)
+                    running = running & ~pk_done
                     rel = res.relative()
             converged = rel <= eps
             farkas = (d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)
@@ -212,8 +234,6 @@ def pdipm(
             infeasible = (farkas < 0) & (cert <= eps_inf * -farkas) & ~converged
             status = torch.where(running & converged, SOLVED, status)
             status = torch.where(running & infeasible, INFEASIBLE, status)
-            if final_kkt is not None:
-                final_kkt = _merge(final_kkt, kkt, running & converged, d, it, kkt_args)
             running = running & ~converged & ~infeasible
             if k == max_iter or not bool(running.any()):
                 break
@@ -240,58 +260,47 @@ def pdipm(
             (it.lam + a * step.lam).clamp(min=floor),
             it.nu + a * step.nu,
         )
-    return PDIPMResult(it, res, status, iters, kkt if final_kkt is None else final_kkt)
+    factored, D = kkt, it.s / it.lam
+    if bool(polished.any()):
+        # polished problems need their active-set factorization: made on demand
+        D, factored = torch.where(polished.unsqueeze(-1), polish_D, D), None
+    return PDIPMResult(it, res, status, iters, factored, D, d, kkt_args)
 
 
 def _polish(
-    d: QPData,
-    it: Iterate,
-    res: Residuals,
-    kkt: KKT,
-    final_kkt: KKT | None,
-    ready: Tensor,
-    eps: float,
-    kkt_args: dict,
-):
+    d: QPData, it: Iterate, ready: Tensor, eps: float, kkt_args: dict
+) -> tuple[Iterate, Tensor, Tensor]:
     """Active-set polish of the `ready` problems: solve the QP with the constraints
-    {λ > s} as equalities and the others dropped. A problem is done when the polished
-    point is dual feasible and meets eps; then its point and factorization replace the
-    interior point ones. Returns the updated iterate, residuals, iteration KKT, final
-    KKT (for the backward) and the done mask."""
-    hard = it.lam > it.s
+    {λ > s} as equalities and the others dropped, correcting the guess while it is
+    inconsistent. A problem is done when the polished point meets eps; its point then
+    replaces the interior point one. Only the ready problems are factored. Returns the
+    iterate, the compliance D of the active set (0 active, ∞ dropped) and the done mask."""
+    idx = ready.nonzero().squeeze(-1)
+    sub = d.index(idx)
+    args = dict(kkt_args, base=None if kkt_args["base"] is None else kkt_args["base"].index(idx))
+    s, lam0 = it.s[idx], it.lam[idx]
+    hard = lam0 > s
     eps_m = 10 * torch.finfo(d.p.dtype).eps
     for _ in range(3):
-        pk = KKT(d, torch.where(hard, 0.0, torch.inf), active_set=True, **kkt_args)
+        D_sub = torch.zeros_like(s).masked_fill(~hard, torch.inf)  # 0: equality, ∞: dropped
+        pk = KKT(sub, D_sub, active_set=True, **args)
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
-        Gz = mv(d.G, z)
+        z, lam, nu = pk.solve(-sub.p, sub.h, sub.b, refine=3)
+        Gz = mv(sub.G, z)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
         lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)
-        row_tol = eps_m * (1 + d.h.abs() + Gz.abs())
+        row_tol = eps_m * (1 + sub.h.abs() + Gz.abs())
         drop = hard & (lam < -lam_tol)
-        add = ~hard & (Gz - d.h > row_tol)
-        wrong = ready & (drop | add).any(-1)
+        add = ~hard & (Gz - sub.h > row_tol)
+        wrong = (drop | add).any(-1)
         if not bool(wrong.any()):
             break
         hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
-    cand = Iterate(z, (d.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
-    cres = residuals(d, cand)
-    done = ready & pk.ok & ~wrong & (cres.relative() <= eps)
-    it = cand.where(done, it)
-    res = residuals(d, it)
-    final_kkt = pk if final_kkt is None else _select(done, pk, final_kkt, d, it, kkt_args)
-    return it, res, kkt, final_kkt, done
-
-
-def _select(mask: Tensor, a: KKT, b: KKT, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
-    """One KKT for the backward: a's compliance where mask, else b's (refactored)."""
-    return KKT(d, torch.where(mask.unsqueeze(-1), a.D, b.D), active_set=True, **kkt_args)
-
-
-def _merge(final_kkt: KKT, kkt: KKT, newly: Tensor, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
-    """Problems that converged without polish contribute their interior point factor."""
-    if not bool(newly.any()):
-        return final_kkt
-    return _select(newly, kkt, final_kkt, d, it, kkt_args)
+    cand = Iterate(z, (sub.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
+    ok = pk.ok & ~wrong & (residuals(sub, cand).relative() <= eps)
+    done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
+    full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
+    D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_sub)
+    return full.where(done, it), D, done
