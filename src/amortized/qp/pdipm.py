@@ -149,17 +149,14 @@ class PDIPMResult:
     res: Residuals
     status: Tensor
     iters: Tensor
-    factored: KKT | None  # factored at every SOLVED problem's returned point, if one is
-    D: Tensor  # else the compliance to factor at, (B, m)
+    D: Tensor  # the compliance at the solution, (B, m): s/λ, or 0/∞ on a polished active set
     d: QPData
     kkt_args: dict
 
     @cached_property
     def kkt(self) -> KKT:
-        """The KKT system at the solution, for the implicit backward; factored only when
-        no iteration or polish left one that fits every problem."""
-        if self.factored is not None:
-            return self.factored
+        """The KKT system at the solution, for the implicit backward: factored on first use,
+        so a forward pass without gradients never pays for it."""
         return KKT(self.d, self.D, active_set=True, **self.kkt_args)
 
 
@@ -199,72 +196,115 @@ def pdipm(
     status = torch.where(active, MAX_ITER, NUMERICAL)
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
     it = _initial_point(d, kkt_args, warm_start)
-    running = active.clone()
-    # the backward reuses the factorization at each problem's returned point: the last
-    # iteration's for problems the interior point method finished, a polish's otherwise
+    # polished problems keep their active set: the backward factors it (0 active, ∞ dropped)
+    polish_D = it.s / it.lam
     polished = torch.zeros_like(active)
-    polish_D = None
     tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
+    # the loop works on the problems still running, compacted as they finish
+    idx = torch.arange(B, device=d.p.device)
+    w = _Work(d, kkt_args, it, active.clone(), status, iters, tried)
 
     for k in range(max_iter + 1):
-        res = residuals(d, it)
-        kkt = KKT(d, it.s / it.lam, **kkt_args)
-        broken = running & ~kkt.ok
-        status = torch.where(broken, NUMERICAL, status)
-        running = running & ~broken
+        res = residuals(w.d, w.it)
         if k % check_every == 0 or k == max_iter:
             rel = res.relative()
             if eps_polish > eps:
                 # retry a failed polish only after a tenfold progress
-                ready = running & (rel <= eps_polish) & (rel <= 0.1 * tried)
+                ready = w.running & (rel <= eps_polish) & (rel <= 0.1 * w.tried)
                 if bool(ready.any()):
-                    tried = torch.where(ready, rel, tried)
-                    it, D_act, pk_done = _polish(d, it, ready, eps, kkt_args)
-                    res = residuals(d, it)
-                    polish_D = torch.where(
-                        pk_done.unsqueeze(-1), D_act, it.s if polish_D is None else polish_D
-                    )
-                    polished |= pk_done
-                    status = torch.where(pk_done, SOLVED, status)
-                    running = running & ~pk_done
+                    w.tried = torch.where(ready, rel, w.tried)
+                    w.it, D_act, done = _polish(w.d, w.it, ready, eps, w.kkt_args)
+                    polish_D[idx[done]] = D_act[done]
+                    polished[idx[done]] = True
+                    w.status = torch.where(done, SOLVED, w.status)
+                    w.running = w.running & ~done
+                    res = residuals(w.d, w.it)
                     rel = res.relative()
             converged = rel <= eps
-            farkas = (d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)
-            cert = torch.maximum(_amax(rmv(d.G, it.lam) + rmv(d.A, it.nu)), floor * it.lam.sum(-1))
+            farkas = (w.d.h * w.it.lam).sum(-1) + (w.d.b * w.it.nu).sum(-1)
+            cert = torch.maximum(res.Ct_y.abs().amax(-1), floor * w.it.lam.sum(-1))
             infeasible = (farkas < 0) & (cert <= eps_inf * -farkas) & ~converged
-            status = torch.where(running & converged, SOLVED, status)
-            status = torch.where(running & infeasible, INFEASIBLE, status)
-            running = running & ~converged & ~infeasible
-            if k == max_iter or not bool(running.any()):
+            w.status = torch.where(w.running & converged, SOLVED, w.status)
+            w.status = torch.where(w.running & infeasible, INFEASIBLE, w.status)
+            w.running = w.running & ~converged & ~infeasible
+            n_run = int(w.running.sum())
+            if k == max_iter or n_run == 0:
                 break
-        iters = iters + running
-        # Mehrotra predictor-corrector
-        aff = newton(kkt, it, res, it.s * it.lam, refine)
-        if m:
-            mu = (it.s * it.lam).mean(-1, keepdim=True)
-            a_aff = torch.minimum(_max_step(it.s, aff.s), _max_step(it.lam, aff.lam)).unsqueeze(-1)
-            mu_aff = ((it.s + a_aff * aff.s) * (it.lam + a_aff * aff.lam)).mean(-1, keepdim=True)
-            sigma = (mu_aff / mu).clamp(max=1.0) ** 3
-            step = newton(kkt, it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu, refine)
-            alpha = 0.99 * torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam))
-        else:
-            step, alpha = aff, d.p.new_ones(B)
-        finite = torch.isfinite(sum(x.sum(-1) for x in step.fields()) + alpha)
-        status = torch.where(running & ~finite, NUMERICAL, status)
-        running = running & finite
-        a = torch.where(running, alpha, 0.0).unsqueeze(-1)
-        step = Iterate(*(torch.where(running.unsqueeze(-1), x, 0.0) for x in step.fields()))
-        it = Iterate(
-            it.z + a * step.z,
-            (it.s + a * step.s).clamp(min=floor),
-            (it.lam + a * step.lam).clamp(min=floor),
-            it.nu + a * step.nu,
+            if n_run <= len(idx) // 2:
+                it, status, iters = w.flush(idx, it, status, iters)
+                keep = w.running.nonzero().squeeze(-1)
+                idx, w = idx[keep], w.index(keep)
+                res = residuals(w.d, w.it)
+        kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
+        w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
+        w.running = w.running & kkt.ok
+        w.iters = w.iters + w.running
+        w.it, finite = _mehrotra_step(kkt, w.it, res, w.running, refine, floor)
+        w.status = torch.where(w.running & ~finite, NUMERICAL, w.status)
+        w.running = w.running & finite
+    it, status, iters = w.flush(idx, it, status, iters)
+    D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
+    return PDIPMResult(it, residuals(d, it), status, iters, D, d, kkt_args)
+
+
+@dataclass
+class _Work:
+    """The working set of the loop: the running problems' data and state."""
+
+    d: QPData
+    kkt_args: dict
+    it: Iterate
+    running: Tensor
+    status: Tensor
+    iters: Tensor
+    tried: Tensor
+
+    def index(self, keep: Tensor) -> "_Work":
+        base = self.kkt_args["base"]
+        args = dict(self.kkt_args, base=None if base is None else base.index(keep))
+        it = Iterate(*(x[keep] for x in self.it.fields()))
+        return _Work(
+            self.d.index(keep),
+            args,
+            it,
+            self.running[keep],
+            self.status[keep],
+            self.iters[keep],
+            self.tried[keep],
         )
-    factored, D = kkt, it.s / it.lam
-    if bool(polished.any()):
-        # polished problems need their active-set factorization: made on demand
-        D, factored = torch.where(polished.unsqueeze(-1), polish_D, D), None
-    return PDIPMResult(it, res, status, iters, factored, D, d, kkt_args)
+
+    def flush(self, idx: Tensor, it: Iterate, status: Tensor, iters: Tensor):
+        """Write the working set back into the full-batch iterate, status and counts."""
+        it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), self.it.fields())))
+        return it, status.index_copy(0, idx, self.status), iters.index_copy(0, idx, self.iters)
+
+
+def _mehrotra_step(
+    kkt: KKT, it: Iterate, res: Residuals, running: Tensor, refine: int, floor: float
+) -> tuple[Iterate, Tensor]:
+    """One predictor-corrector step of the running problems (the others do not move).
+    Also returns which steps were finite; a problem with a non-finite step does not move."""
+    aff = newton(kkt, it, res, it.s * it.lam, refine)
+    if it.s.shape[-1]:
+        mu = (it.s * it.lam).mean(-1, keepdim=True)
+        a_aff = torch.minimum(_max_step(it.s, aff.s), _max_step(it.lam, aff.lam)).unsqueeze(-1)
+        mu_aff = ((it.s + a_aff * aff.s) * (it.lam + a_aff * aff.lam)).mean(-1, keepdim=True)
+        sigma = (mu_aff / mu).clamp(max=1.0) ** 3
+        step = newton(kkt, it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu, refine)
+        alpha = 0.99 * torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam))
+    else:
+        step, alpha = aff, it.z.new_ones(it.z.shape[0])
+    finite = torch.isfinite(sum(x.sum(-1) for x in step.fields()) + alpha)
+    move = running & finite
+    a = torch.where(move, alpha, 0.0).unsqueeze(-1)
+    step = Iterate(*(torch.where(move.unsqueeze(-1), x, 0.0) for x in step.fields()))
+    new = Iterate(
+        it.z + a * step.z,
+        (it.s + a * step.s).clamp(min=floor),
+        (it.lam + a * step.lam).clamp(min=floor),
+        it.nu + a * step.nu,
+    )
+    return new, finite
 
 
 def _polish(
