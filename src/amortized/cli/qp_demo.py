@@ -65,7 +65,7 @@ def qp_step(out, progress, seed):
                 # ⟨∇_p L, d⟩ against a central difference of L = Σ z² along a random d
                 d = torch.randn(data[1].shape, generator=gen, dtype=torch.float64)
                 eps = 1e-6
-                f = lambda p: am.solve_qp(data[0], p, *data[2:]).z.square().sum().item()
+                f = lambda p, data=data: am.solve_qp(data[0], p, *data[2:]).z.square().sum().item()
                 fd = (f(data[1] + eps * d) - f(data[1] - eps * d)) / (2 * eps)
                 g = float((args[1].grad * d).sum())
                 rel = abs(g - fd) / max(abs(fd), 1e-12)
