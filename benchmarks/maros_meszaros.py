@@ -17,10 +17,9 @@ import warnings
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from timing import versions  # noqa: E402
-
 import amortized as am  # noqa: E402
 from amortized.problems import maros_meszaros as mm  # noqa: E402
+from timing import versions  # noqa: E402
 
 
 def run_amortized(prob):
@@ -33,8 +32,9 @@ def run_qpth(prob):
 
     Q, p, G, h, A, b = prob.data
     e = torch.empty(0, dtype=Q.dtype)
-    z = QPFunction(verbose=-1, maxIter=200)(Q, p, G if G.numel() else e, h if h.numel() else e,
-                                            A if A.numel() else e, b if b.numel() else e)[0]
+    z = QPFunction(verbose=-1, maxIter=200)(
+        Q, p, G if G.numel() else e, h if h.numel() else e, A if A.numel() else e, b if b.numel() else e
+    )[0]
     # qpth returns no duals: recover none, so its dual residual and gap are not checkable
     return z, None, None, "returned", -1
 
@@ -48,10 +48,21 @@ def run_proxsuite(prob):
     qp.settings.eps_abs = 1e-9
     qp.settings.eps_rel = 0
     qp.settings.max_iter = 10000
-    qp.init(Q, p, A if A.shape[0] else None, b if A.shape[0] else None,
-            G if G.shape[0] else None, None if not G.shape[0] else -1e20 * (h * 0 + 1), h if G.shape[0] else None)
+    qp.init(
+        Q,
+        p,
+        A if A.shape[0] else None,
+        b if A.shape[0] else None,
+        G if G.shape[0] else None,
+        None if not G.shape[0] else -1e20 * (h * 0 + 1),
+        h if G.shape[0] else None,
+    )
     qp.solve()
-    status = "SOLVED" if qp.results.info.status == proxsuite.proxqp.QPSolverOutput.PROXQP_SOLVED else str(qp.results.info.status)
+    status = (
+        "SOLVED"
+        if qp.results.info.status == proxsuite.proxqp.QPSolverOutput.PROXQP_SOLVED
+        else str(qp.results.info.status)
+    )
     t = lambda x: torch.as_tensor(x, dtype=torch.float64)
     return t(qp.results.x), t(qp.results.z), t(qp.results.y), status, int(qp.results.info.iter)
 
@@ -82,8 +93,14 @@ def main():
                 dt = time.perf_counter() - t0
                 if lam is None:
                     # no duals: only the primal residual can be checked; never counted solved
-                    r = {"primal": mm.residuals(prob, z, torch.zeros(prob.h.shape, dtype=z.dtype),
-                                                torch.zeros(prob.b.shape, dtype=z.dtype))["primal"]}
+                    r = {
+                        "primal": mm.residuals(
+                            prob,
+                            z,
+                            torch.zeros(prob.h.shape, dtype=z.dtype),
+                            torch.zeros(prob.b.shape, dtype=z.dtype),
+                        )["primal"]
+                    }
                     worst = float("inf")
                 else:
                     r = mm.residuals(prob, z, lam, nu)
@@ -96,12 +113,18 @@ def main():
                 cells.append(f"{status[:9]:>9s} it={iters:3d} res={worst:8.1e} {dt:6.2f}s")
             except Exception as ex:
                 cells.append(f"{'raised ' + type(ex).__name__:>34s}")
-        print(f"{name:10s} {prob.p.shape[0]:4d} {prob.G.shape[0]:5d} {prob.A.shape[0]:4d} " + " ".join(f"{c:>34s}" for c in cells), flush=True)
+        print(
+            f"{name:10s} {prob.p.shape[0]:4d} {prob.G.shape[0]:5d} {prob.A.shape[0]:4d} "
+            + " ".join(f"{c:>34s}" for c in cells),
+            flush=True,
+        )
     print(f"\nsummary over {len(names)} problems (success = reported solved and all residuals <= tol):")
     for tool, s in summary.items():
-        print(f"  {tool:10s} solved@1e-6 {s['1e-6']:3d} ({s['1e-6'] / len(names):.0%})  "
-              f"solved@1e-9 {s['1e-9']:3d} ({s['1e-9'] / len(names):.0%})  "
-              f"labelled solved but failing 1e-6: {s['wrong']}  total time {s['time']:.1f} s")
+        print(
+            f"  {tool:10s} solved@1e-6 {s['1e-6']:3d} ({s['1e-6'] / len(names):.0%})  "
+            f"solved@1e-9 {s['1e-9']:3d} ({s['1e-9'] / len(names):.0%})  "
+            f"labelled solved but failing 1e-6: {s['wrong']}  total time {s['time']:.1f} s"
+        )
 
 
 if __name__ == "__main__":

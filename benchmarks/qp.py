@@ -189,7 +189,8 @@ torch.set_num_threads(1)
 from qp import make_tool
 from amortized.problems.random_qp import random_qp
 dtype = getattr(torch, {dtype_name!r})
-data = [x.to(dtype).requires_grad_() for x in random_qp({B}, {n}, {m}, {q}, generator=torch.Generator().manual_seed(0))]
+g = torch.Generator().manual_seed(0)
+data = [x.to(dtype).requires_grad_() for x in random_qp({B}, {n}, {m}, {q}, generator=g)]
 fn = make_tool({tool!r}, {n}, {m}, {q}, dtype)
 base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
 fn(*data).sum().backward()

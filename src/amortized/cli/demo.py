@@ -34,12 +34,17 @@ def demo(
             results[title] = {"rows": step_rows, "seconds": round(time.perf_counter() - t0, 2)}
             rows += [(title, r) for r in step_rows]
     table = Table(title="amortized demo")
-    for col in ("step", "case", "metric", "value", "target", "ok"):
+    for col in ("case", "metric", "value", "target", "ok"):
         table.add_column(col)
+    shown = None
     for title, r in rows:
+        if title != shown:  # one section per step, headed by its title
+            if shown is not None:
+                table.add_section()
+            table.add_row(f"[bold]{title}", "", "", "", "")
+            shown = title
         ok = r.get("ok")
         table.add_row(
-            title,
             r["case"],
             r["metric"],
             r["value"],

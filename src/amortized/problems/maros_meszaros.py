@@ -63,8 +63,16 @@ def load(name: str, dtype=torch.float64) -> MarosMeszaros:
     if not np.allclose(P, P.T):
         P = np.triu(P) + np.triu(P, 1).T if np.allclose(np.tril(P, -1), 0) else P
     t = lambda x: torch.as_tensor(np.ascontiguousarray(x), dtype=dtype)
-    return MarosMeszaros(name, t(P), t(mat["q"].ravel()), t(G), t(h), t(Araw[eq]), t(l[eq]),
-                         float(np.ravel(mat.get("r", 0.0))[0]))
+    return MarosMeszaros(
+        name,
+        t(P),
+        t(mat["q"].ravel()),
+        t(G),
+        t(h),
+        t(Araw[eq]),
+        t(l[eq]),
+        float(np.ravel(mat.get("r", 0.0))[0]),
+    )
 
 
 def residuals(prob: MarosMeszaros, z: Tensor, lam: Tensor, nu: Tensor) -> dict[str, float]:

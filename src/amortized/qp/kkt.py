@@ -7,9 +7,9 @@ solve at a solution, for implicit differentiation (OptNet, Amos & Kolter 2017, e
 import torch
 from torch import Tensor
 
-from amortized.qp.kkt_system import KKT
 from amortized.qp.kkt_system import mv as _mv
 from amortized.qp.kkt_system import rmv as _rmv
+from amortized.qp.pdipm import PDIPMResult
 
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:
@@ -22,9 +22,10 @@ def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor
     return r_d, r_c, r_e
 
 
-def transpose_solver(kkt: KKT, s: Tensor, lam: Tensor, solved: Tensor):
+def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor):
     """u ↦ solution of (∂F/∂(z,λ,ν))ᵀ u = v at the returned solution, reusing the forward's
-    last factorization `kkt`:
+    factorization at that point (`result.kkt`, factored on first use if the forward left
+    none that fits every problem):
 
         Q u_z + Gᵀ(λ∘u_λ) + Aᵀu_ν = v_z
         G u_z − s∘u_λ             = v_λ      (Gz − h = −s at the solution)
@@ -37,7 +38,7 @@ def transpose_solver(kkt: KKT, s: Tensor, lam: Tensor, solved: Tensor):
     (least-change) answer instead of a NaN. Problems that are not `solved` (B,) get
     u = 0, hence zero gradients.
     """
-    G = kkt.d.G
+    G = result.d.G
     keep = solved.unsqueeze(-1)
     big = lam > s
     lam_safe = torch.where(big, lam, 1.0)
@@ -45,7 +46,7 @@ def transpose_solver(kkt: KKT, s: Tensor, lam: Tensor, solved: Tensor):
 
     def solve(v):
         v_z, v_lam, v_nu = v
-        u_z, w, u_nu = kkt.solve(v_z, v_lam, v_nu, refine=0)
+        u_z, w, u_nu = result.kkt.solve(v_z, v_lam, v_nu, refine=0)
         u_lam = torch.where(big, w / lam_safe, (_mv(G, u_z) - v_lam) / s_safe)
         return tuple(torch.where(keep, u, 0.0) for u in (u_z, u_lam, u_nu))
 

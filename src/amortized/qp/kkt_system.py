@@ -53,6 +53,9 @@ class DualBase:
     M: Tensor
     ok: Tensor
 
+    def index(self, idx: Tensor) -> "DualBase":
+        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M[idx], self.ok[idx])
+
 
 def dual_base(d: QPData, rho: float) -> DualBase | None:
     """Factor Q + ρI once, or return None when Q is not comfortably positive definite

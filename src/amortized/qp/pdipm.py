@@ -149,7 +149,15 @@ class PDIPMResult:
     res: Residuals
     status: Tensor
     iters: Tensor
-    kkt: KKT  # factored at the returned solution of every SOLVED problem
+    D: Tensor  # the compliance at the solution, (B, m): s/λ, or 0/∞ on a polished active set
+    d: QPData
+    kkt_args: dict
+
+    @cached_property
+    def kkt(self) -> KKT:
+        """The KKT system at the solution, for the implicit backward: factored on first use,
+        so a forward pass without gradients never pays for it."""
+        return KKT(self.d, self.D, active_set=True, **self.kkt_args)
 
 
 def pdipm(
@@ -188,110 +196,151 @@ def pdipm(
     status = torch.where(active, MAX_ITER, NUMERICAL)
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
     it = _initial_point(d, kkt_args, warm_start)
-    running = active.clone()
-    final_kkt = None
+    # polished problems keep their active set: the backward factors it (0 active, ∞ dropped)
+    polish_D = it.s / it.lam
+    polished = torch.zeros_like(active)
+    tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
+    # the loop works on the problems still running, compacted as they finish
+    idx = torch.arange(B, device=d.p.device)
+    w = _Work(d, kkt_args, it, active.clone(), status, iters, tried)
 
     for k in range(max_iter + 1):
-        res = residuals(d, it)
-        kkt = KKT(d, it.s / it.lam, **kkt_args)
-        broken = running & ~kkt.ok
-        status = torch.where(broken, NUMERICAL, status)
-        running = running & ~broken
+        res = residuals(w.d, w.it)
         if k % check_every == 0 or k == max_iter:
             rel = res.relative()
             if eps_polish > eps:
-                ready = running & (rel <= eps_polish)
+                # retry a failed polish only after a tenfold progress
+                ready = w.running & (rel <= eps_polish) & (rel <= 0.1 * w.tried)
                 if bool(ready.any()):
-                    it, res, kkt, final_kkt, done = _polish(d, it, res, kkt, final_kkt, ready, eps, kkt_args)
-                    status = torch.where(done, SOLVED, status)
-                    running = running & ~done
+                    w.tried = torch.where(ready, rel, w.tried)
+                    w.it, D_act, done = _polish(w.d, w.it, ready, eps, w.kkt_args)
+                    polish_D[idx[done]] = D_act[done]
+                    polished[idx[done]] = True
+                    w.status = torch.where(done, SOLVED, w.status)
+                    w.running = w.running & ~done
+                    res = residuals(w.d, w.it)
                     rel = res.relative()
             converged = rel <= eps
-            farkas = (d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)
-            cert = torch.maximum(_amax(rmv(d.G, it.lam) + rmv(d.A, it.nu)), floor * it.lam.sum(-1))
+            farkas = (w.d.h * w.it.lam).sum(-1) + (w.d.b * w.it.nu).sum(-1)
+            cert = torch.maximum(res.Ct_y.abs().amax(-1), floor * w.it.lam.sum(-1))
             infeasible = (farkas < 0) & (cert <= eps_inf * -farkas) & ~converged
-            status = torch.where(running & converged, SOLVED, status)
-            status = torch.where(running & infeasible, INFEASIBLE, status)
-            if final_kkt is not None:
-                final_kkt = _merge(final_kkt, kkt, running & converged, d, it, kkt_args)
-            running = running & ~converged & ~infeasible
-            if k == max_iter or not bool(running.any()):
+            w.status = torch.where(w.running & converged, SOLVED, w.status)
+            w.status = torch.where(w.running & infeasible, INFEASIBLE, w.status)
+            w.running = w.running & ~converged & ~infeasible
+            n_run = int(w.running.sum())
+            if k == max_iter or n_run == 0:
                 break
-        iters = iters + running
-        # Mehrotra predictor-corrector
-        aff = newton(kkt, it, res, it.s * it.lam, refine)
-        if m:
-            mu = (it.s * it.lam).mean(-1, keepdim=True)
-            a_aff = torch.minimum(_max_step(it.s, aff.s), _max_step(it.lam, aff.lam)).unsqueeze(-1)
-            mu_aff = ((it.s + a_aff * aff.s) * (it.lam + a_aff * aff.lam)).mean(-1, keepdim=True)
-            sigma = (mu_aff / mu).clamp(max=1.0) ** 3
-            step = newton(kkt, it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu, refine)
-            alpha = 0.99 * torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam))
-        else:
-            step, alpha = aff, d.p.new_ones(B)
-        finite = torch.isfinite(sum(x.sum(-1) for x in step.fields()) + alpha)
-        status = torch.where(running & ~finite, NUMERICAL, status)
-        running = running & finite
-        a = torch.where(running, alpha, 0.0).unsqueeze(-1)
-        step = Iterate(*(torch.where(running.unsqueeze(-1), x, 0.0) for x in step.fields()))
-        it = Iterate(
-            it.z + a * step.z,
-            (it.s + a * step.s).clamp(min=floor),
-            (it.lam + a * step.lam).clamp(min=floor),
-            it.nu + a * step.nu,
+            if n_run <= len(idx) // 2:
+                it, status, iters = w.flush(idx, it, status, iters)
+                keep = w.running.nonzero().squeeze(-1)
+                idx, w = idx[keep], w.index(keep)
+                res = residuals(w.d, w.it)
+        kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
+        w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
+        w.running = w.running & kkt.ok
+        w.iters = w.iters + w.running
+        w.it, finite = _mehrotra_step(kkt, w.it, res, w.running, refine, floor)
+        w.status = torch.where(w.running & ~finite, NUMERICAL, w.status)
+        w.running = w.running & finite
+    it, status, iters = w.flush(idx, it, status, iters)
+    D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
+    return PDIPMResult(it, residuals(d, it), status, iters, D, d, kkt_args)
+
+
+@dataclass
+class _Work:
+    """The working set of the loop: the running problems' data and state."""
+
+    d: QPData
+    kkt_args: dict
+    it: Iterate
+    running: Tensor
+    status: Tensor
+    iters: Tensor
+    tried: Tensor
+
+    def index(self, keep: Tensor) -> "_Work":
+        base = self.kkt_args["base"]
+        args = dict(self.kkt_args, base=None if base is None else base.index(keep))
+        it = Iterate(*(x[keep] for x in self.it.fields()))
+        return _Work(
+            self.d.index(keep),
+            args,
+            it,
+            self.running[keep],
+            self.status[keep],
+            self.iters[keep],
+            self.tried[keep],
         )
-    return PDIPMResult(it, res, status, iters, kkt if final_kkt is None else final_kkt)
+
+    def flush(self, idx: Tensor, it: Iterate, status: Tensor, iters: Tensor):
+        """Write the working set back into the full-batch iterate, status and counts."""
+        it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), self.it.fields())))
+        return it, status.index_copy(0, idx, self.status), iters.index_copy(0, idx, self.iters)
+
+
+def _mehrotra_step(
+    kkt: KKT, it: Iterate, res: Residuals, running: Tensor, refine: int, floor: float
+) -> tuple[Iterate, Tensor]:
+    """One predictor-corrector step of the running problems (the others do not move).
+    Also returns which steps were finite; a problem with a non-finite step does not move."""
+    aff = newton(kkt, it, res, it.s * it.lam, refine)
+    if it.s.shape[-1]:
+        mu = (it.s * it.lam).mean(-1, keepdim=True)
+        a_aff = torch.minimum(_max_step(it.s, aff.s), _max_step(it.lam, aff.lam)).unsqueeze(-1)
+        mu_aff = ((it.s + a_aff * aff.s) * (it.lam + a_aff * aff.lam)).mean(-1, keepdim=True)
+        sigma = (mu_aff / mu).clamp(max=1.0) ** 3
+        step = newton(kkt, it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu, refine)
+        alpha = 0.99 * torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam))
+    else:
+        step, alpha = aff, it.z.new_ones(it.z.shape[0])
+    finite = torch.isfinite(sum(x.sum(-1) for x in step.fields()) + alpha)
+    move = running & finite
+    a = torch.where(move, alpha, 0.0).unsqueeze(-1)
+    step = Iterate(*(torch.where(move.unsqueeze(-1), x, 0.0) for x in step.fields()))
+    new = Iterate(
+        it.z + a * step.z,
+        (it.s + a * step.s).clamp(min=floor),
+        (it.lam + a * step.lam).clamp(min=floor),
+        it.nu + a * step.nu,
+    )
+    return new, finite
 
 
 def _polish(
-    d: QPData,
-    it: Iterate,
-    res: Residuals,
-    kkt: KKT,
-    final_kkt: KKT | None,
-    ready: Tensor,
-    eps: float,
-    kkt_args: dict,
-):
+    d: QPData, it: Iterate, ready: Tensor, eps: float, kkt_args: dict
+) -> tuple[Iterate, Tensor, Tensor]:
     """Active-set polish of the `ready` problems: solve the QP with the constraints
-    {λ > s} as equalities and the others dropped. A problem is done when the polished
-    point is dual feasible and meets eps; then its point and factorization replace the
-    interior point ones. Returns the updated iterate, residuals, iteration KKT, final
-    KKT (for the backward) and the done mask."""
-    hard = it.lam > it.s
+    {λ > s} as equalities and the others dropped, correcting the guess while it is
+    inconsistent. A problem is done when the polished point meets eps; its point then
+    replaces the interior point one. Only the ready problems are factored. Returns the
+    iterate, the compliance D of the active set (0 active, ∞ dropped) and the done mask."""
+    idx = ready.nonzero().squeeze(-1)
+    sub = d.index(idx)
+    args = dict(kkt_args, base=None if kkt_args["base"] is None else kkt_args["base"].index(idx))
+    s, lam0 = it.s[idx], it.lam[idx]
+    hard = lam0 > s
     eps_m = 10 * torch.finfo(d.p.dtype).eps
     for _ in range(3):
-        pk = KKT(d, torch.where(hard, 0.0, torch.inf), active_set=True, **kkt_args)
+        D_sub = torch.zeros_like(s).masked_fill(~hard, torch.inf)  # 0: equality, ∞: dropped
+        pk = KKT(sub, D_sub, active_set=True, **args)
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
-        Gz = mv(d.G, z)
+        z, lam, nu = pk.solve(-sub.p, sub.h, sub.b, refine=3)
+        Gz = mv(sub.G, z)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
         lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)
-        row_tol = eps_m * (1 + d.h.abs() + Gz.abs())
+        row_tol = eps_m * (1 + sub.h.abs() + Gz.abs())
         drop = hard & (lam < -lam_tol)
-        add = ~hard & (Gz - d.h > row_tol)
-        wrong = ready & (drop | add).any(-1)
+        add = ~hard & (Gz - sub.h > row_tol)
+        wrong = (drop | add).any(-1)
         if not bool(wrong.any()):
             break
         hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
-    cand = Iterate(z, (d.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
-    cres = residuals(d, cand)
-    done = ready & pk.ok & ~wrong & (cres.relative() <= eps)
-    it = cand.where(done, it)
-    res = residuals(d, it)
-    final_kkt = pk if final_kkt is None else _select(done, pk, final_kkt, d, it, kkt_args)
-    return it, res, kkt, final_kkt, done
-
-
-def _select(mask: Tensor, a: KKT, b: KKT, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
-    """One KKT for the backward: a's compliance where mask, else b's (refactored)."""
-    return KKT(d, torch.where(mask.unsqueeze(-1), a.D, b.D), active_set=True, **kkt_args)
-
-
-def _merge(final_kkt: KKT, kkt: KKT, newly: Tensor, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
-    """Problems that converged without polish contribute their interior point factor."""
-    if not bool(newly.any()):
-        return final_kkt
-    return _select(newly, kkt, final_kkt, d, it, kkt_args)
+    cand = Iterate(z, (sub.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
+    ok = pk.ok & ~wrong & (residuals(sub, cand).relative() <= eps)
+    done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
+    full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
+    D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_sub)
+    return full.where(done, it), D, done

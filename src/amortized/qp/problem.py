@@ -24,6 +24,10 @@ class QPData:
     A: Tensor
     b: Tensor
 
+    def index(self, idx: Tensor) -> "QPData":
+        """The problems idx (a LongTensor of batch indices)."""
+        return QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)))
+
     @cached_property
     def C(self) -> Tensor:
         """[G; A] (B, m + q, n): all constraint rows, for single-pass products."""

@@ -104,7 +104,7 @@ def solve_qp(
         F = _kkt_with_defaults(B, n, p)
         z, lam, nu = implicit_root(
             F,
-            _warn_unsolved(transpose_solver(r.kkt, s, lam, solved), solved),
+            _warn_unsolved(transpose_solver(r, s, lam, solved), solved),
             (z, lam, nu),
             params,
             refine=2,
