@@ -203,7 +203,10 @@ class Amortizer:
         if sidecar.get("model_class") != expected:
             raise ValueError(f"checkpoint holds a {sidecar.get('model_class')}, this model is a {expected}")
         device = next(iter(self.model.parameters()), torch.zeros(())).device
-        self.model.load_state_dict(load_file(str(path), device=str(device)))
+        try:
+            self.model.load_state_dict(load_file(str(path), device=str(device)))
+        except RuntimeError as e:
+            raise ValueError(f"checkpoint {path} does not match this model's parameters: {e}") from None
         return sidecar
 
 
