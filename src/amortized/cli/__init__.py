@@ -2,6 +2,7 @@
 
 import typer
 
+from amortized.cli import amortize
 from amortized.cli.demo import demo
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -14,3 +15,4 @@ def main() -> None:
 
 
 app.command()(demo)
+app.add_typer(amortize.app, name="amortize")

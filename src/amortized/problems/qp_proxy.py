@@ -113,7 +113,7 @@ class DC3Correction:
     (see `amortize.refine`); the objective argument is ignored, as in DC3.
     """
 
-    def __init__(self, problem: QPProxyProblem, completion, lr: float = 1e-4, momentum: float = 0.5):
+    def __init__(self, problem: QPProxyProblem, completion, lr: float = 1e-7, momentum: float = 0.5):
         self.problem, self.completion, self.lr, self.momentum = problem, completion, lr, momentum
 
     def __call__(self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True) -> list[Tensor]:
@@ -231,3 +231,18 @@ def solve_with_fallback(problem: QPProxyProblem, refiner: ActiveSetRefiner, y_pr
         y = y.clone()
         y[idx] = problem.solve(x[idx], warm_start=y_pred[idx])
     return y, bad
+
+
+class ActiveSetWithFallback:
+    """Refiner "ours": active-set steps from the prediction, then the exact solver warm-started
+    from the prediction on any problem whose KKT check failed. Returns [y0, y]; the (B,)
+    fallback mask of the last call is in `last_fallback`.
+    """
+
+    def __init__(self, problem: QPProxyProblem, **kw):
+        self.problem, self.active_set = problem, ActiveSetRefiner(problem, **kw)
+        self.last_fallback: Tensor | None = None
+
+    def __call__(self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = False) -> list[Tensor]:
+        y, self.last_fallback = solve_with_fallback(self.problem, self.active_set, y0.detach(), x, steps)
+        return [y0, y]
