@@ -215,3 +215,146 @@ def qp_proxy_cmd(out: Path = OutOpt, steps: int = typer.Option(4000, help="Train
                       f"{r['speedup_vs_exact']:.0f}x")
     console.print(table)
     console.print(f"results written to {out / 'results.json'}")
+
+
+# ============================================================================ VAE
+def run_vae(out: Path, *, steps: int = 10_000, batch_size: int = 128, seed: int = 0, device: str = "cpu",
+            n_test: int = 500, adam_iters: int = 2000, adam_lr: float = 5e-3, optimum_iters: int = 1500,
+            refine_steps: int = 20, refine_samples: int = 16, elbo_samples: int = 1000, trace_samples: int = 64,
+            trace_every: int = 25, progress=None) -> dict:
+    """The tutorial's VAE comparison on held-out digits: encoder vs per-datapoint Adam,
+    time-to-match, the amortization gap and how much of it K refinement steps close.
+    """
+    from amortized.amortize import AdamRefiner
+    from amortized.problems.vae import VAEInference, adam_trace, load_digits_split, make_vae, optimize_long
+
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
+    x_train, x_test = (t.to(dev) for t in load_digits_split(n_test=n_test, seed=seed))
+    enc, dec = (m.to(dev) for m in make_vae())
+    P = VAEInference(dec, data=x_train)
+    am = Amortizer(P, enc, loss="objective")
+    hist, t_train = _fit(am, list(enc.parameters()) + list(dec.parameters()), steps=steps, batch_size=batch_size,
+                         data=(x_train, None), seed=seed, lr=1e-3, progress=progress, name="train VAE (objective loss)")
+    for prm in dec.parameters():
+        prm.requires_grad_(False)
+    enc.eval()
+    task = _task(progress, "encoder vs Adam, amortization gap", 5)
+    with torch.no_grad():
+        y_enc = enc(x_test)
+    t_enc, _ = timed(lambda: enc(x_test), repeats=50, warmup=5)
+    elbo = lambda y, s=elbo_samples: float(P.elbo_estimate(y, x_test, n_samples=s).mean())  # noqa: E731
+    e_enc = elbo(y_enc)
+    _advance(progress, task)
+    # Adam from zeros, timed per iteration; iterates scored afterwards with paired noise.
+    times, its, snaps = adam_trace(P, x_test, torch.zeros_like(y_enc), lr=adam_lr, iters=adam_iters,
+                                   every=trace_every, sync=sync)
+    trace_elbo = [elbo(s, trace_samples) for s in snaps]
+    e_enc_trace = elbo(y_enc, trace_samples)
+    e_adam = elbo(snaps[-1])
+    match = next(((t, k) for t, k, e in zip(times, its, trace_elbo) if e >= e_enc_trace), None)
+    _advance(progress, task)
+    # q*: a long per-datapoint optimization started at the encoder's output.
+    y_opt = optimize_long(P, x_test, y_enc, iters=optimum_iters, lr=adam_lr)
+    e_opt = elbo(y_opt)
+    _advance(progress, task)
+    # Semi-amortization: K Adam steps from the encoder; the step size is picked on training images.
+    x_sel = x_train[:300]
+    with torch.no_grad():
+        y_sel = enc(x_sel)
+    P.n_samples = refine_samples
+    grid = {}
+    for lr in (5e-3, 1e-2, 2e-2, 5e-2, 1e-1):
+        y_k = AdamRefiner(lr)(P.objective, y_sel, x_sel, refine_steps, create_graph=False)[-1]
+        grid[lr] = float(P.elbo_estimate(y_k, x_sel, n_samples=200).mean())
+    best_lr = max(grid, key=grid.get)
+    semi = Amortizer(P, enc, refiner=AdamRefiner(best_lr), test_refine_steps=refine_steps)
+    t_semi, y_semi = timed(lambda: semi.predict(x_test), repeats=3)
+    e_semi = elbo(y_semi)
+    P.n_samples = 1
+    _advance(progress, task)
+    gap = e_opt - e_enc
+    res = {
+        "n_train": x_train.shape[0], "n_test": n_test, "train_steps": steps, "train_time_s": t_train,
+        "final_train_loss": sum(hist[-100:]) / max(len(hist[-100:]), 1), "elbo_samples": elbo_samples,
+        "encoder_elbo": e_enc, "adam_elbo_final": e_adam, "optimum_elbo": e_opt, "amortization_gap": gap,
+        "encoder_time_s": t_enc, "adam_iters": adam_iters, "adam_lr": adam_lr, "adam_time_s": times[-1],
+        "speedup_full_run": times[-1] / t_enc,
+        "adam_iters_to_match": None if match is None else match[1],
+        "time_to_match_s": None if match is None else match[0],
+        "speedup_time_to_match": None if match is None else match[0] / t_enc,
+        "semi_amortized_gap_closed": {"K": refine_steps, "fraction": (e_semi - e_enc) / gap if gap > 0 else None,
+                                      "refined_elbo": e_semi, "optimizer": "Adam", "lr": best_lr,
+                                      "samples_per_step": refine_samples, "lr_grid_train_elbo": grid,
+                                      "time_s": t_semi},
+        "trace": {"time_s": times, "iters": its, "elbo": trace_elbo, "encoder_elbo_same_noise": e_enc_trace,
+                  "samples": trace_samples},
+    }
+    _plot_vae(out, res, P, x_test, y_enc, dict(zip(its, snaps)))
+    _advance(progress, task)
+    return res
+
+
+def _plot_vae(out: Path, res: dict, P, x, y_enc, snaps: dict) -> None:
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(6, 4))
+    tr = res["trace"]
+    ax.plot(tr["time_s"][1:], tr["elbo"][1:], label=f"Adam (lr {res['adam_lr']}) from zeros")
+    ax.axhline(tr["encoder_elbo_same_noise"], color="C1", ls="--", label="encoder ELBO")
+    ax.scatter([res["encoder_time_s"]], [tr["encoder_elbo_same_noise"]], color="C1", zorder=3,
+               label=f"encoder ({res['encoder_time_s'] * 1e3:.2f} ms)")
+    if res["time_to_match_s"] is not None:
+        ax.axvline(res["time_to_match_s"], color="gray", ls=":", label="time to match")
+    lo = min(tr["elbo"][len(tr["elbo"]) // 10:] + [tr["encoder_elbo_same_noise"]])
+    ax.set(xscale="log", xlabel="wall time (s)", ylabel="mean ELBO (held-out digits)", ylim=(lo - 3, None),
+           title="Amortized vs per-datapoint VI (cf. tutorial Fig. 4.1)")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "vae_elbo_vs_time.png", dpi=120)
+    plt.close(fig)
+    # Reconstructions (decoder means at μ) of held-out digits: Adam after k steps vs the encoder.
+    ks = [k for k in (50, 200, 500, 1000, 2000) if k in snaps]
+    rows = [("data", x)] + [(f"Adam {k}", snaps[k]) for k in ks] + [("encoder", y_enc)]
+    n = 8
+    fig, axes = plt.subplots(len(rows), n, figsize=(n * 0.8, len(rows) * 0.85))
+    with torch.no_grad():
+        for i, (name, y) in enumerate(rows):
+            img = y[:n] if name == "data" else torch.sigmoid(P.decoder(y[:n].chunk(2, -1)[0]))
+            for j in range(n):
+                axes[i, j].imshow(img[j].reshape(8, 8).cpu(), cmap="gray_r", vmin=0, vmax=1)
+                axes[i, j].axis("off")
+            axes[i, 0].set_title(name, fontsize=6, loc="left")
+    fig.tight_layout()
+    fig.savefig(out / "vae_samples.png", dpi=120)
+    plt.close(fig)
+
+
+@app.command("vae")
+def vae_cmd(out: Path = OutOpt, steps: int = typer.Option(10_000, help="VAE training steps."),
+            batch_size: int = typer.Option(128), device: str = typer.Option("cpu"), seed: int = typer.Option(0),
+            adam_iters: int = typer.Option(2000), optimum_iters: int = typer.Option(1500),
+            refine_steps: int = typer.Option(20), elbo_samples: int = typer.Option(1000)) -> None:
+    """Amortized VI on the bundled digits: encoder vs Adam, time-to-match, amortization gap."""
+    out.mkdir(parents=True, exist_ok=True)
+    console = Console()
+    with Progress(console=console) as progress:
+        res = run_vae(out, steps=steps, batch_size=batch_size, seed=seed, device=device, adam_iters=adam_iters,
+                      optimum_iters=optimum_iters, refine_steps=refine_steps, elbo_samples=elbo_samples,
+                      progress=progress)
+    write_json(out / "results.json", {"vae": res})
+    t = Table(title=f"VAE on digits: {res['n_test']} held-out images")
+    t.add_column("quantity")
+    t.add_column("value")
+    s = res["semi_amortized_gap_closed"]
+    for k, v in [("encoder ELBO", f"{res['encoder_elbo']:.3f}"), ("Adam ELBO (final)", f"{res['adam_elbo_final']:.3f}"),
+                 ("optimum ELBO (q*)", f"{res['optimum_elbo']:.3f}"), ("amortization gap", f"{res['amortization_gap']:.3f}"),
+                 ("encoder time", f"{res['encoder_time_s'] * 1e3:.3f} ms"), ("Adam time", f"{res['adam_time_s']:.2f} s"),
+                 ("speed-up (full run)", f"{res['speedup_full_run']:.0f}x"),
+                 ("speed-up (time to match)", "never" if res["speedup_time_to_match"] is None
+                  else f"{res['speedup_time_to_match']:.0f}x ({res['adam_iters_to_match']} iters)"),
+                 (f"gap closed by K={s['K']} Adam steps (lr {s['lr']})",
+                  "n/a" if s["fraction"] is None else f"{s['fraction']:.0%}")]:
+        t.add_row(k, v)
+    console.print(t)
+    console.print(f"results written to {out / 'results.json'}")
