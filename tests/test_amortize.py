@@ -56,7 +56,13 @@ def linear_model(seed=1):
 
 def fit(am, *, steps=400, lr=0.05, data=None):
     g = torch.Generator().manual_seed(3)
-    am.fit(torch.optim.Adam(am.model.parameters(), lr=lr), steps=steps, batch_size=64, data=data, generator=g)
+    am.fit(
+        torch.optim.Adam(am.model.parameters(), lr=lr),
+        steps=steps,
+        batch_size=64,
+        data=data,
+        generator=g,
+    )
 
 
 def labelled(prob, n=512):
@@ -77,7 +83,9 @@ def test_each_loss_recovers_the_solution_map(loss):
 @pytest.mark.parametrize("weights", ["last", "constant", "increasing"])
 def test_semi_amortized_unrolled_training_recovers_the_map(weights):
     prob = ParametricQuadratic()
-    am = Amortizer(prob, linear_model(), refiner=GradientRefiner(0.3), train_refine_steps=3, weights=weights)
+    am = Amortizer(
+        prob, linear_model(), refiner=GradientRefiner(0.3), train_refine_steps=3, weights=weights
+    )
     fit(am, steps=300, lr=0.1)
     x = prob.sample(256, torch.Generator().manual_seed(9))
     # The refined prediction reaches y*; with weight on y_0 the raw prediction does too.
@@ -88,7 +96,13 @@ def test_semi_amortized_unrolled_training_recovers_the_map(weights):
 
 def test_unrolled_gradient_matches_finite_differences():
     prob = ParametricQuadratic()
-    am = Amortizer(prob, linear_model(), refiner=GradientRefiner(0.2), train_refine_steps=4, weights="increasing")
+    am = Amortizer(
+        prob,
+        linear_model(),
+        refiner=GradientRefiner(0.2),
+        train_refine_steps=4,
+        weights="increasing",
+    )
     x = prob.sample(8, torch.Generator().manual_seed(2))
     w = am.model.net.weight.detach().clone().requires_grad_()
     model = am.model
@@ -144,9 +158,15 @@ def test_test_time_fine_tuning_is_separate_from_training():
 
 def test_iterate_weights():
     z = torch.zeros((), dtype=torch.float64)
-    torch.testing.assert_close(iterate_weights("constant", 3, z), torch.full((4,), 0.25, dtype=torch.float64))
-    torch.testing.assert_close(iterate_weights("increasing", 2, z), torch.tensor([1, 2, 3], dtype=torch.float64) / 6)
-    torch.testing.assert_close(iterate_weights("last", 2, z), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(
+        iterate_weights("constant", 3, z), torch.full((4,), 0.25, dtype=torch.float64)
+    )
+    torch.testing.assert_close(
+        iterate_weights("increasing", 2, z), torch.tensor([1, 2, 3], dtype=torch.float64) / 6
+    )
+    torch.testing.assert_close(
+        iterate_weights("last", 2, z), torch.tensor([0.0, 0.0, 1.0], dtype=torch.float64)
+    )
     with pytest.raises(ValueError, match="3 non-negative"):
         iterate_weights([1.0, 2.0], 2, z)
     with pytest.raises(ValueError, match="iterate weights"):
@@ -156,13 +176,17 @@ def test_iterate_weights():
 def test_projections():
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3
-    torch.testing.assert_close(SphereProjection()(raw).norm(dim=-1), torch.ones(7, dtype=torch.float64))
+    torch.testing.assert_close(
+        SphereProjection()(raw).norm(dim=-1), torch.ones(7, dtype=torch.float64)
+    )
     s = SimplexProjection()(raw)
     assert bool((s > 0).all())
     torch.testing.assert_close(s.sum(-1), torch.ones(7, dtype=torch.float64))
     for kind in ("sigmoid", "tanh"):
         b = BoxProjection(-2.0, torch.tensor([1.0, 2, 3, 4, 5]), kind)(raw * 10)
-        assert bool((b >= -2).all()) and bool((b <= torch.tensor([1.0, 2, 3, 4, 5], dtype=torch.float64)).all())
+        assert bool((b >= -2).all()) and bool(
+            (b <= torch.tensor([1.0, 2, 3, 4, 5], dtype=torch.float64)).all()
+        )
     with pytest.raises(ValueError, match="hi > lo"):
         BoxProjection(1.0, 0.0)
     A = torch.randn(3, 8, generator=g, dtype=torch.float64)
@@ -210,8 +234,12 @@ def test_report_fields_computed_by_hand():
     assert r.objective_gap_rel == pytest.approx(-0.016)
     assert r.median_distance == pytest.approx(math.hypot(0.5, 0.1))
     assert r.max_eq_violation == pytest.approx(0.4) and r.mean_eq_violation == pytest.approx(0.4)
-    assert r.max_ineq_violation == pytest.approx(0.5) and r.mean_ineq_violation == pytest.approx(0.25)
-    assert r.time_to_match_s == pytest.approx(0.4)  # the trace first reaches 2.46 at 0.4 s (value 1.0)
+    assert r.max_ineq_violation == pytest.approx(0.5) and r.mean_ineq_violation == pytest.approx(
+        0.25
+    )
+    assert r.time_to_match_s == pytest.approx(
+        0.4
+    )  # the trace first reaches 2.46 at 0.4 s (value 1.0)
     assert r.speedup_time_to_match == pytest.approx(0.4 / r.model_time_per_batch_s)
     assert r.model_time_per_instance_s == pytest.approx(r.model_time_per_batch_s / 2)
     d = r.to_dict()
@@ -232,7 +260,8 @@ def test_evaluate_times_the_problem_solver():
     r = am.evaluate(x, repeats=2)
     assert r.solver_objective == pytest.approx(0.0, abs=1e-12)
     assert r.solver_time_per_batch_s > 0 and r.speedup_full_run == pytest.approx(
-        r.solver_time_per_batch_s / r.model_time_per_batch_s)
+        r.solver_time_per_batch_s / r.model_time_per_batch_s
+    )
     with torch.no_grad():
         expected = prob.objective(am.model(x), x).mean().item()
     assert r.objective_gap == pytest.approx(expected)

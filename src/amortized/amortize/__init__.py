@@ -15,7 +15,22 @@ from amortized.amortize.refine import AdamRefiner, GradientRefiner
 from amortized.amortize.report import EvalReport, time_to_match, timed
 
 __all__ = [
-    "MLP", "AdamRefiner", "AmortizedModel", "Amortizer", "BoxProjection", "EqualityCompletion", "EvalReport",
-    "GradientRefiner", "Problem", "SimplexProjection", "SphereProjection", "check_problem", "iterate_weights",
-    "objective_loss", "penalty", "regression_loss", "time_to_match", "timed",
+    "MLP",
+    "AdamRefiner",
+    "AmortizedModel",
+    "Amortizer",
+    "BoxProjection",
+    "EqualityCompletion",
+    "EvalReport",
+    "GradientRefiner",
+    "Problem",
+    "SimplexProjection",
+    "SphereProjection",
+    "check_problem",
+    "iterate_weights",
+    "objective_loss",
+    "penalty",
+    "regression_loss",
+    "time_to_match",
+    "timed",
 ]

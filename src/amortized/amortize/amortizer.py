@@ -32,9 +32,20 @@ class Amortizer:
     weights: iterate weights of ℒ^Σ over y_0..y_K: "last", "constant", "increasing" or a list.
     """
 
-    def __init__(self, problem, model: nn.Module, *, loss: str = "objective", penalty_weight: float = 0.0,
-                 regression_weight: float = 1.0, objective_weight: float = 1.0, refiner: Refiner | None = None,
-                 train_refine_steps: int = 0, test_refine_steps: int = 0, weights="last"):
+    def __init__(
+        self,
+        problem,
+        model: nn.Module,
+        *,
+        loss: str = "objective",
+        penalty_weight: float = 0.0,
+        regression_weight: float = 1.0,
+        objective_weight: float = 1.0,
+        refiner: Refiner | None = None,
+        train_refine_steps: int = 0,
+        test_refine_steps: int = 0,
+        weights="last",
+    ):
         check_problem(problem)
         if loss not in LOSSES:
             raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
@@ -43,8 +54,16 @@ class Amortizer:
         if train_refine_steps < 0 or test_refine_steps < 0:
             raise ValueError("refinement steps must be non-negative")
         self.problem, self.model, self.loss_kind = problem, model, loss
-        self.penalty_weight, self.regression_weight, self.objective_weight = penalty_weight, regression_weight, objective_weight
-        self.refiner, self.train_refine_steps, self.test_refine_steps = refiner, train_refine_steps, test_refine_steps
+        self.penalty_weight, self.regression_weight, self.objective_weight = (
+            penalty_weight,
+            regression_weight,
+            objective_weight,
+        )
+        self.refiner, self.train_refine_steps, self.test_refine_steps = (
+            refiner,
+            train_refine_steps,
+            test_refine_steps,
+        )
         self.weights = weights
         iterate_weights(weights, train_refine_steps, torch.zeros(()))  # validate early
 
@@ -70,7 +89,7 @@ class Amortizer:
         ys = self.iterates(x, self.train_refine_steps, create_graph=True)
         w = iterate_weights(self.weights, self.train_refine_steps, ys[0])
         total = ys[0].new_zeros(())
-        for wk, y in zip(w, ys):
+        for wk, y in zip(w, ys, strict=True):
             if float(wk) == 0.0:
                 continue
             total = total + wk * self._loss_one(y, x, y_star)
@@ -84,9 +103,17 @@ class Amortizer:
             return obj
         return self.regression_weight * regression_loss(y, y_star) + self.objective_weight * obj
 
-    def fit(self, optimizer: torch.optim.Optimizer, *, steps: int, batch_size: int,
-            data: tuple[Tensor, Tensor | None] | None = None, generator: torch.Generator | None = None,
-            scheduler=None, callback: Callable[[int, float], None] | None = None) -> list[float]:
+    def fit(
+        self,
+        optimizer: torch.optim.Optimizer,
+        *,
+        steps: int,
+        batch_size: int,
+        data: tuple[Tensor, Tensor | None] | None = None,
+        generator: torch.Generator | None = None,
+        scheduler=None,
+        callback: Callable[[int, float], None] | None = None,
+    ) -> list[float]:
         """Plain training loop: `steps` optimizer steps on minibatches of `batch_size`.
 
         data: (x (N, d_x), y* (N, n) or None) a fixed training set sampled with replacement;
@@ -104,7 +131,9 @@ class Amortizer:
             if data is None:
                 x, y_star = self.problem.sample(batch_size, generator), None
             else:
-                idx = torch.randint(data[0].shape[0], (batch_size,), generator=generator).to(data[0].device)
+                idx = torch.randint(data[0].shape[0], (batch_size,), generator=generator).to(
+                    data[0].device
+                )
                 x = data[0][idx]
                 y_star = None if data[1] is None else data[1][idx]
             loss = self.loss(x, y_star)
@@ -120,9 +149,17 @@ class Amortizer:
         return history
 
     # ----------------------------------------------------------------- evaluation
-    def evaluate(self, x: Tensor, *, y_ref: Tensor | None = None, solver: Callable[[Tensor], Tensor] | None = None,
-                 solver_trace: tuple[list[float], list[float]] | None = None, refine_steps: int | None = None,
-                 repeats: int = 5, solver_repeats: int = 1) -> EvalReport:
+    def evaluate(
+        self,
+        x: Tensor,
+        *,
+        y_ref: Tensor | None = None,
+        solver: Callable[[Tensor], Tensor] | None = None,
+        solver_trace: tuple[list[float], list[float]] | None = None,
+        refine_steps: int | None = None,
+        repeats: int = 5,
+        solver_repeats: int = 1,
+    ) -> EvalReport:
         """Report on held-out contexts x (B, d_x), timed as one batch.
 
         Reference: y_ref (B, n) if given (then `solver`'s time, if also given, is still
@@ -143,10 +180,16 @@ class Amortizer:
             t_solver, y_solved = timed(lambda: solver(x), repeats=max(solver_repeats, 1), warmup=0)
             y_ref = y_solved if y_ref is None else y_ref
         r = EvalReport(
-            n_instances=B, refine_steps=steps, model_objective=float(f_model.mean()),
-            model_time_per_batch_s=t_model, model_time_per_instance_s=t_model / B,
-            max_eq_violation=_max(v["eq"]), mean_eq_violation=_mean(v["eq"]),
-            max_ineq_violation=_max(v["ineq"]), mean_ineq_violation=_mean(v["ineq"]))
+            n_instances=B,
+            refine_steps=steps,
+            model_objective=float(f_model.mean()),
+            model_time_per_batch_s=t_model,
+            model_time_per_instance_s=t_model / B,
+            max_eq_violation=_max(v["eq"]),
+            mean_eq_violation=_mean(v["eq"]),
+            max_ineq_violation=_max(v["ineq"]),
+            mean_ineq_violation=_mean(v["ineq"]),
+        )
         if y_ref is not None:
             with torch.no_grad():
                 f_ref = float(self.problem.objective(y_ref, x).mean())
@@ -176,14 +219,22 @@ class Amortizer:
         from amortized import __version__
 
         path = Path(path)
-        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
+        state = {
+            k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()
+        }
         dtypes = sorted({str(v.dtype) for v in state.values() if v.is_floating_point()})
         sidecar = {
-            "format": "amortized.Amortizer/1", "library_version": __version__,
+            "format": "amortized.Amortizer/1",
+            "library_version": __version__,
             "model_class": f"{type(self.model).__module__}.{type(self.model).__qualname__}",
-            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes, "problem_class": type(self.problem).__qualname__,
-            "loss": self.loss_kind, "penalty_weight": self.penalty_weight, "train_refine_steps": self.train_refine_steps,
-            "test_refine_steps": self.test_refine_steps, "weights": self.weights, "meta": meta or {},
+            "dtype": dtypes[0] if len(dtypes) == 1 else dtypes,
+            "problem_class": type(self.problem).__qualname__,
+            "loss": self.loss_kind,
+            "penalty_weight": self.penalty_weight,
+            "train_refine_steps": self.train_refine_steps,
+            "test_refine_steps": self.test_refine_steps,
+            "weights": self.weights,
+            "meta": meta or {},
         }
         tmp = path.with_name(path.name + ".tmp")
         save_file(state, str(tmp))
@@ -201,12 +252,16 @@ class Amortizer:
         sidecar = json.loads(Path(str(path) + ".json").read_text())
         expected = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
         if sidecar.get("model_class") != expected:
-            raise ValueError(f"checkpoint holds a {sidecar.get('model_class')}, this model is a {expected}")
+            raise ValueError(
+                f"checkpoint holds a {sidecar.get('model_class')}, this model is a {expected}"
+            )
         device = next(iter(self.model.parameters()), torch.zeros(())).device
         try:
             self.model.load_state_dict(load_file(str(path), device=str(device)))
         except RuntimeError as e:
-            raise ValueError(f"checkpoint {path} does not match this model's parameters: {e}") from None
+            raise ValueError(
+                f"checkpoint {path} does not match this model's parameters: {e}"
+            ) from None
         return sidecar
 
 

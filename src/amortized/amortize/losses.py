@@ -1,11 +1,11 @@
 """Amortization losses (the tutorial's ch. 2 taxonomy).
 
-    regression   ℒ_reg(θ) = E_x ‖ŷ_θ(x) − y*(x)‖²                (needs labels y*)
-    objective    ℒ_obj(θ) = E_x f(ŷ_θ(x); x) + ρ · E_x P(ŷ_θ(x); x)
-                 with the soft penalty P = Σ_j |A y − b|_j² + Σ_i max(G y − h, 0)_i²
-    mixed        a · ℒ_reg + b · ℒ_obj
-    iterate sum  ℒ^Σ = Σ_{k=0..K} w_k ℒ(y_k) over the refinement iterates y_0 = ŷ_θ(x), …, y_K,
-                 with w constant (1/(K+1)), increasing (k+1, normalized), or only the last
+regression   ℒ_reg(θ) = E_x ‖ŷ_θ(x) − y*(x)‖²                (needs labels y*)
+objective    ℒ_obj(θ) = E_x f(ŷ_θ(x); x) + ρ · E_x P(ŷ_θ(x); x)
+             with the soft penalty P = Σ_j |A y − b|_j² + Σ_i max(G y − h, 0)_i²
+mixed        a · ℒ_reg + b · ℒ_obj
+iterate sum  ℒ^Σ = Σ_{k=0..K} w_k ℒ(y_k) over the refinement iterates y_0 = ŷ_θ(x), …, y_K,
+             with w constant (1/(K+1)), increasing (k+1, normalized), or only the last
 """
 
 from collections.abc import Sequence
@@ -50,9 +50,13 @@ def iterate_weights(kind: str | Sequence[float], K: int, like: Tensor) -> Tensor
         elif kind == "increasing":
             w = torch.arange(1, K + 2, dtype=torch.float64)
         else:
-            raise ValueError(f"iterate weights must be 'last', 'constant', 'increasing' or a list, got {kind!r}")
+            raise ValueError(
+                f"iterate weights must be 'last', 'constant', 'increasing' or a list, got {kind!r}"
+            )
     else:
         w = torch.as_tensor(list(kind), dtype=torch.float64)
         if w.shape != (K + 1,) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(f"explicit iterate weights must be {K + 1} non-negative numbers, not all zero")
+            raise ValueError(
+                f"explicit iterate weights must be {K + 1} non-negative numbers, not all zero"
+            )
     return (w / w.sum()).to(like)

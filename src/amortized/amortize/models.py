@@ -24,7 +24,7 @@ class MLP(nn.Sequential):
         if len(sizes) < 2:
             raise ValueError("MLP needs at least an input and an output size")
         layers: list[nn.Module] = []
-        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
             layers.append(nn.Linear(a, b))
             if i < len(sizes) - 2:
                 layers.append(activation())
@@ -76,11 +76,15 @@ class EqualityCompletion(nn.Module):
     x (B, context_dim) → b (B, q). Output y (B, n) satisfies A y = b(x) to rounding.
     """
 
-    def __init__(self, A: Tensor, other: Tensor | None = None, rhs: Callable[[Tensor], Tensor] | None = None):
+    def __init__(
+        self, A: Tensor, other: Tensor | None = None, rhs: Callable[[Tensor], Tensor] | None = None
+    ):
         super().__init__()
         q, n = A.shape
         if q >= n:
-            raise ValueError(f"EqualityCompletion needs fewer equalities than variables, got A {tuple(A.shape)}")
+            raise ValueError(
+                f"EqualityCompletion needs fewer equalities than variables, got A {tuple(A.shape)}"
+            )
         other = torch.arange(n - q, n) if other is None else torch.as_tensor(other)
         mask = torch.ones(n, dtype=torch.bool)
         mask[other] = False

@@ -38,12 +38,17 @@ class GradientRefiner:
     sphere (then the step uses the Riemannian gradient (I − y yᵀ)∇f when `riemannian`).
     """
 
-    def __init__(self, lr: float | Tensor, retract: Callable[[Tensor], Tensor] | None = None,
-                 riemannian: bool = False):
+    def __init__(
+        self,
+        lr: float | Tensor,
+        retract: Callable[[Tensor], Tensor] | None = None,
+        riemannian: bool = False,
+    ):
         self.lr, self.retract, self.riemannian = lr, retract, riemannian
 
-    def __call__(self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *,
-                 create_graph: bool = True) -> list[Tensor]:
+    def __call__(
+        self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
         ys = [y0 if create_graph else y0.detach()]
         y = ys[0]
         for _ in range(steps):
@@ -63,11 +68,14 @@ class AdamRefiner:
     lr, betas, eps as in torch.optim.Adam; the state starts fresh at y0 every call.
     """
 
-    def __init__(self, lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+    def __init__(
+        self, lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
+    ):
         self.lr, self.betas, self.eps = lr, betas, eps
 
-    def __call__(self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *,
-                 create_graph: bool = True) -> list[Tensor]:
+    def __call__(
+        self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
         b1, b2 = self.betas
         ys = [y0 if create_graph else y0.detach()]
         y = ys[0]

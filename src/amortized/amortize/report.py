@@ -49,7 +49,7 @@ def time_to_match(times: Sequence[float], values: Sequence[float], target: float
     """
     if len(times) != len(values):
         raise ValueError(f"times and values differ in length ({len(times)} vs {len(values)})")
-    for t, v in zip(times, values):
+    for t, v in zip(times, values, strict=True):
         if v <= target:
             return float(t)
     return None
@@ -90,4 +90,7 @@ class EvalReport:
 
     def to_dict(self) -> dict:
         """JSON-ready dict (non-finite floats become None)."""
-        return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()}
+        return {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
+            for k, v in asdict(self).items()
+        }

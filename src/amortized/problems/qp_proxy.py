@@ -67,29 +67,40 @@ class QPProxyProblem:
         return am.solve_qp(self.Q, self.p, self.G, self.h, self.A, x, eps=self.eps, **kw)
 
     # ---- data
-    def split(self, valid_frac: float = 0.0833, test_frac: float = 0.0833) -> tuple[Tensor, Tensor, Tensor]:
+    def split(
+        self, valid_frac: float = 0.0833, test_frac: float = 0.0833
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """DC3's split of X in order: train, valid, test (the last int(N·test_frac))."""
         N = self.X.shape[0]
         n_test, n_valid = int(N * test_frac), int(N * valid_frac)
         n_train = N - n_test - n_valid
-        return self.X[:n_train], self.X[n_train:n_train + n_valid], self.X[n_train + n_valid:]
+        return self.X[:n_train], self.X[n_train : n_train + n_valid], self.X[n_train + n_valid :]
 
     def clarabel(self, x: Tensor) -> Tensor:
         """Reference solutions with cvxpy + Clarabel at tight tolerances, one at a time."""
         import cvxpy as cp
 
-        Q, p, A, G, h = (t.detach().cpu().double().numpy() for t in (self.Q, self.p, self.A, self.G, self.h))
+        Q, p, A, G, h = (
+            t.detach().cpu().double().numpy() for t in (self.Q, self.p, self.A, self.G, self.h)
+        )
         out = []
         for b in x.detach().cpu().double().numpy():
             y = cp.Variable(Q.shape[0])
-            cp.Problem(cp.Minimize(0.5 * cp.quad_form(y, cp.psd_wrap(Q)) + p @ y), [A @ y == b, G @ y <= h]).solve(
-                solver="CLARABEL", tol_feas=1e-10, tol_gap_abs=1e-10, tol_gap_rel=1e-10)
+            cp.Problem(
+                cp.Minimize(0.5 * cp.quad_form(y, cp.psd_wrap(Q)) + p @ y), [A @ y == b, G @ y <= h]
+            ).solve(solver="CLARABEL", tol_feas=1e-10, tol_gap_abs=1e-10, tol_gap_rel=1e-10)
             out.append(y.value)
         return torch.tensor(np.stack(out), dtype=x.dtype, device=x.device)
 
 
-def dc3_simple(seed: int = 17, n: int = 100, n_eq: int = 50, n_ineq: int = 50, n_examples: int = 10_000,
-               dtype: torch.dtype = torch.float64) -> QPProxyProblem:
+def dc3_simple(
+    seed: int = 17,
+    n: int = 100,
+    n_eq: int = 50,
+    n_ineq: int = 50,
+    n_examples: int = 10_000,
+    dtype: torch.dtype = torch.float64,
+) -> QPProxyProblem:
     """DC3's "simple" family, generated in DC3's order (see the module docstring)."""
     if min(n, n_eq, n_ineq, n_examples) < 1 or n_eq >= n:
         raise ValueError("need positive sizes and fewer equalities than variables")
@@ -113,10 +124,14 @@ class DC3Correction:
     (see `amortize.refine`); the objective argument is ignored, as in DC3.
     """
 
-    def __init__(self, problem: QPProxyProblem, completion, lr: float = 1e-7, momentum: float = 0.5):
+    def __init__(
+        self, problem: QPProxyProblem, completion, lr: float = 1e-7, momentum: float = 0.5
+    ):
         self.problem, self.completion, self.lr, self.momentum = problem, completion, lr, momentum
 
-    def __call__(self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True) -> list[Tensor]:
+    def __call__(
+        self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
         G, h, comp = self.problem.G, self.problem.h, self.completion
         y = y0 if create_graph else y0.detach()
         ys = [y]
@@ -157,7 +172,14 @@ class ActiveSetRefiner:
     differentiable w.r.t. x for a fixed active set, so they can be unrolled in training.
     """
 
-    def __init__(self, problem: QPProxyProblem, *, c: float = 1.0, tol_active: float = 0.0, tol: float | None = None):
+    def __init__(
+        self,
+        problem: QPProxyProblem,
+        *,
+        c: float = 1.0,
+        tol_active: float = 0.0,
+        tol: float | None = None,
+    ):
         self.problem, self.c, self.tol_active = problem, c, tol_active
         self.tol = tol if tol is not None else torch.finfo(problem.Q.dtype).eps ** 0.5
         P = problem
@@ -190,7 +212,9 @@ class ActiveSetRefiner:
         y = self.y_free - mu_A @ self.AQi - lam @ self.GQi
         return y, lam, info == 0
 
-    def __call__(self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True) -> list[Tensor]:
+    def __call__(
+        self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
         P = self.problem
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
             y = y0 if create_graph else y0.detach()
@@ -219,8 +243,9 @@ class ActiveSetRefiner:
         return ys
 
 
-def solve_with_fallback(problem: QPProxyProblem, refiner: ActiveSetRefiner, y_pred: Tensor, x: Tensor,
-                        steps: int) -> tuple[Tensor, Tensor]:
+def solve_with_fallback(
+    problem: QPProxyProblem, refiner: ActiveSetRefiner, y_pred: Tensor, x: Tensor, steps: int
+) -> tuple[Tensor, Tensor]:
     """Active-set steps from y_pred, then the exact solver, warm-started from the prediction,
     on the problems whose KKT check failed. Returns y (B, n) and the (B,) fallback mask.
     """
@@ -243,6 +268,10 @@ class ActiveSetWithFallback:
         self.problem, self.active_set = problem, ActiveSetRefiner(problem, **kw)
         self.last_fallback: Tensor | None = None
 
-    def __call__(self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = False) -> list[Tensor]:
-        y, self.last_fallback = solve_with_fallback(self.problem, self.active_set, y0.detach(), x, steps)
+    def __call__(
+        self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = False
+    ) -> list[Tensor]:
+        y, self.last_fallback = solve_with_fallback(
+            self.problem, self.active_set, y0.detach(), x, steps
+        )
         return [y0, y]

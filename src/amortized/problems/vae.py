@@ -22,7 +22,9 @@ from torch import Tensor, nn
 from amortized.amortize import MLP
 
 
-def load_digits_split(n_test: int = 500, seed: int = 0, dtype=torch.float32) -> tuple[Tensor, Tensor]:
+def load_digits_split(
+    n_test: int = 500, seed: int = 0, dtype=torch.float32
+) -> tuple[Tensor, Tensor]:
     """(train (1797 − n_test, 64), test (n_test, 64)) digits scaled to [0, 1], shuffled by seed."""
     from sklearn.datasets import load_digits
 
@@ -52,9 +54,21 @@ class VAEInference:
     paired, low-variance comparisons between methods.
     """
 
-    def __init__(self, decoder: nn.Module, latent: int = 10, n_samples: int = 1, data: Tensor | None = None,
-                 generator: torch.Generator | None = None):
-        self.decoder, self.latent, self.n_samples, self.data, self.generator = decoder, latent, n_samples, data, generator
+    def __init__(
+        self,
+        decoder: nn.Module,
+        latent: int = 10,
+        n_samples: int = 1,
+        data: Tensor | None = None,
+        generator: torch.Generator | None = None,
+    ):
+        self.decoder, self.latent, self.n_samples, self.data, self.generator = (
+            decoder,
+            latent,
+            n_samples,
+            data,
+            generator,
+        )
         self.context_dim, self.solution_dim = 64, 2 * latent
 
     def elbo(self, y: Tensor, x: Tensor, eps: Tensor) -> Tensor:
@@ -62,12 +76,20 @@ class VAEInference:
         mu, log_sigma = y.chunk(2, dim=-1)
         z = mu + log_sigma.exp() * eps  # (S, B, d)
         logits = self.decoder(z)
-        loglik = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
+        loglik = -F.binary_cross_entropy_with_logits(
+            logits, x.expand_as(logits), reduction="none"
+        ).sum(-1)
         return loglik.mean(0) - gaussian_kl(y)
 
     def objective(self, y: Tensor, x: Tensor) -> Tensor:
-        eps = torch.randn(self.n_samples, *y.shape[:-1], self.latent, generator=self.generator, dtype=y.dtype,
-                          device=y.device)
+        eps = torch.randn(
+            self.n_samples,
+            *y.shape[:-1],
+            self.latent,
+            generator=self.generator,
+            dtype=y.dtype,
+            device=y.device,
+        )
         return -self.elbo(y, x, eps)
 
     def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
@@ -76,7 +98,9 @@ class VAEInference:
             raise ValueError("VAEInference.sample needs data")
         return self.data[torch.randint(self.data.shape[0], (n,), generator=generator)]
 
-    def elbo_estimate(self, y: Tensor, x: Tensor, n_samples: int = 1000, seed: int = 1234, chunk: int = 100) -> Tensor:
+    def elbo_estimate(
+        self, y: Tensor, x: Tensor, n_samples: int = 1000, seed: int = 1234, chunk: int = 100
+    ) -> Tensor:
         """(B,) ELBO with n_samples common random numbers (the same noise for every call with
         the same seed, so differences between methods are paired), computed in chunks.
         """
@@ -86,14 +110,24 @@ class VAEInference:
         with torch.no_grad():
             while done < n_samples:
                 s = min(chunk, n_samples - done)
-                eps = torch.randn(s, *y.shape[:-1], self.latent, generator=g, dtype=y.dtype, device=y.device)
+                eps = torch.randn(
+                    s, *y.shape[:-1], self.latent, generator=g, dtype=y.dtype, device=y.device
+                )
                 total += self.elbo(y, x, eps) * s
                 done += s
         return total / n_samples
 
 
-def adam_trace(problem: VAEInference, x: Tensor, y0: Tensor, *, lr: float, iters: int, every: int,
-               sync=lambda: None) -> tuple[list[float], list[int], list[Tensor]]:
+def adam_trace(
+    problem: VAEInference,
+    x: Tensor,
+    y0: Tensor,
+    *,
+    lr: float,
+    iters: int,
+    every: int,
+    sync=lambda: None,
+) -> tuple[list[float], list[int], list[Tensor]]:
     """Per-datapoint Adam (torch.optim.Adam) on −ELBO from y0 (B, 2d), one sample per step.
 
     Returns cumulative wall times, iteration counts and detached iterates at every `every`
@@ -119,8 +153,15 @@ def adam_trace(problem: VAEInference, x: Tensor, y0: Tensor, *, lr: float, iters
     return times, its, snaps
 
 
-def optimize_long(problem: VAEInference, x: Tensor, y0: Tensor, *, iters: int = 1500, lr: float = 5e-3,
-                  n_samples: int = 8) -> Tensor:
+def optimize_long(
+    problem: VAEInference,
+    x: Tensor,
+    y0: Tensor,
+    *,
+    iters: int = 1500,
+    lr: float = 5e-3,
+    n_samples: int = 8,
+) -> Tensor:
     """q*: Adam from y0 with n_samples per step and a cosine-decayed step size."""
     y = y0.detach().clone().requires_grad_()
     opt = torch.optim.Adam([y], lr=lr)
