@@ -5,8 +5,11 @@ import typer
 from amortized.cli import amortize
 from amortized.cli.demo import demo
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Differentiable and amortized optimization: solve, differentiate, amortize.")
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    help="Differentiable and amortized optimization: solve, differentiate, amortize.",
+)
 
 
 @app.callback()

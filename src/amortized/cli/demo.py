@@ -19,8 +19,10 @@ STEPS = [
 ]
 
 
-def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for results.json and plots."),
-         seed: int = typer.Option(0, help="Random seed.")) -> None:
+def demo(
+    out: Path = typer.Option(Path("demo-out"), help="Folder for results.json and plots."),
+    seed: int = typer.Option(0, help="Random seed."),
+) -> None:
     """Run each capability end to end and print one results table."""
     console = Console()
     out.mkdir(parents=True, exist_ok=True)
@@ -36,8 +38,14 @@ def demo(out: Path = typer.Option(Path("demo-out"), help="Folder for results.jso
         table.add_column(col)
     for title, r in rows:
         ok = r.get("ok")
-        table.add_row(title, r["case"], r["metric"], r["value"], r.get("target", ""),
-                      "" if ok is None else ("[green]yes" if ok else "[red]no"))
+        table.add_row(
+            title,
+            r["case"],
+            r["metric"],
+            r["value"],
+            r.get("target", ""),
+            "" if ok is None else ("[green]yes" if ok else "[red]no"),
+        )
     console.print(table)
     path = out / "results.json"
     tmp = path.with_suffix(".json.tmp")

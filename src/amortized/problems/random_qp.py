@@ -1,21 +1,87 @@
-"""Random feasible QP families (the OptNet benchmark protocol and harder variants)."""
+"""Random feasible QP families: the OptNet benchmark protocol and harder variants used by
+the tests, the benchmarks and the demo. Each returns Q (B,n,n), p (B,n), G (B,m,n),
+h (B,m), A (B,q,n), b (B,q); absent blocks have zero rows."""
 
 import torch
 from torch import Tensor
 
+QP = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
-def random_qp(B: int, n: int, m: int, q: int, *, dtype=torch.float64, device=None,
-              generator: torch.Generator | None = None, Q_reg: float = 1e-3
-              ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """B random strictly feasible QPs: Q = LLᵀ/n + Q_reg·I, p, G, A ~ N(0, 1), and a point
-    z0 with Gz0 < h, Az0 = b (h = Gz0 + U[0,1], b = Az0), as in OptNet's timing protocol.
-    Returns Q (B,n,n), p (B,n), G (B,m,n), h (B,m), A (B,q,n), b (B,q)."""
-    kw = {"dtype": dtype, "device": device}
-    r = lambda *s: torch.randn(*s, generator=generator, dtype=dtype).to(device)
-    L = r(B, n, n)
-    Q = L @ L.mT / n + Q_reg * torch.eye(n, **kw)
-    p, G, A, z0 = r(B, n), r(B, m, n), r(B, q, n), r(B, n)
-    s0 = torch.rand(B, m, generator=generator, dtype=dtype).to(device)
-    h = (G @ z0.unsqueeze(-1)).squeeze(-1) + s0
-    b = (A @ z0.unsqueeze(-1)).squeeze(-1)
-    return Q, p, G, h, A, b
+
+def _randn(generator, dtype, *shape):
+    return torch.randn(*shape, generator=generator, dtype=dtype)
+
+
+def _mv(M: Tensor, x: Tensor) -> Tensor:
+    return (M @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def random_qp(
+    B: int,
+    n: int,
+    m: int,
+    q: int,
+    *,
+    dtype=torch.float64,
+    generator: torch.Generator | None = None,
+    Q_reg: float = 1e-3,
+) -> QP:
+    """OptNet's protocol: Q = LLᵀ/n + Q_reg·I, p, G, A ~ N(0, 1), and a point z0 with
+    Gz0 < h, Az0 = b (h = Gz0 + U[0,1], b = Az0)."""
+    L = _randn(generator, dtype, B, n, n)
+    Q = L @ L.mT / n + Q_reg * torch.eye(n, dtype=dtype)
+    p, G, A, z0 = (_randn(generator, dtype, *s) for s in ((B, n), (B, m, n), (B, q, n), (B, n)))
+    h = _mv(G, z0) + torch.rand(B, m, generator=generator, dtype=dtype)
+    return Q, p, G, h, A, _mv(A, z0)
+
+
+def box_qp(B: int, n: int, *, dtype=torch.float64, generator=None) -> QP:
+    """Box constraints only, −1 ≤ z ≤ 1, written as G = [I; −I], h = 1; many active."""
+    Q, p, *_ = random_qp(B, n, 0, 0, dtype=dtype, generator=generator)
+    eye = torch.eye(n, dtype=dtype)
+    G = torch.cat([eye, -eye]).expand(B, 2 * n, n)
+    empty = Q.new_zeros(B, 0, n), Q.new_zeros(B, 0)
+    return Q, 3 * p, G, Q.new_ones(B, 2 * n), *empty
+
+
+def equality_qp(B: int, n: int, q: int, *, dtype=torch.float64, generator=None) -> QP:
+    """Equality constraints only."""
+    Q, p, _, _, A, b = random_qp(B, n, 0, q, dtype=dtype, generator=generator)
+    return Q, p, Q.new_zeros(B, 0, n), Q.new_zeros(B, 0), A, b
+
+
+def degenerate_qp(B: int, n: int, m: int, q: int, *, dtype=torch.float64, generator=None) -> QP:
+    """Redundant rows: every inequality and equality appears twice (A rank-deficient with a
+    consistent b), and a third of the inequalities are tight at the feasible point."""
+    Q, p, G, h, A, b = random_qp(B, n, m, q, dtype=dtype, generator=generator)
+    z0 = torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1) if q else None
+    if z0 is not None:
+        tight = _mv(G, z0)
+        h = torch.where(torch.arange(m) % 3 == 0, tight, h)
+    return (
+        Q,
+        p,
+        torch.cat([G, G], 1),
+        torch.cat([h, h], 1),
+        torch.cat([A, A], 1),
+        torch.cat([b, b], 1),
+    )
+
+
+def lp_box(B: int, n: int, m: int, *, dtype=torch.float64, generator=None) -> QP:
+    """An LP (Q = 0) with a box −1 ≤ z ≤ 1 and m random inequalities feasible at 0."""
+    _, p, G, _, _, _ = random_qp(B, n, m, 0, dtype=dtype, generator=generator)
+    eye = torch.eye(n, dtype=dtype).expand(B, n, n)
+    G = torch.cat([G, eye, -eye], 1)
+    h = torch.cat([torch.rand(B, m, generator=generator, dtype=dtype) + 0.1, p.new_ones(B, 2 * n)], 1)
+    return p.new_zeros(B, n, n), p, G, h, p.new_zeros(B, 0, n), p.new_zeros(B, 0)
+
+
+FAMILIES = {
+    "optnet": lambda B, dtype, g: random_qp(B, 30, 30, 15, dtype=dtype, generator=g),
+    "box": lambda B, dtype, g: box_qp(B, 25, dtype=dtype, generator=g),
+    "equality": lambda B, dtype, g: equality_qp(B, 30, 12, dtype=dtype, generator=g),
+    "degenerate": lambda B, dtype, g: degenerate_qp(B, 20, 15, 6, dtype=dtype, generator=g),
+    "tall": lambda B, dtype, g: random_qp(B, 10, 200, 2, dtype=dtype, generator=g),
+    "lp_box": lambda B, dtype, g: lp_box(B, 20, 10, dtype=dtype, generator=g),
+}

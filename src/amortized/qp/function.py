@@ -26,10 +26,22 @@ class QPFunction:
 
     def __call__(self, Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, b: Tensor) -> Tensor:
         eps = max(self.eps, default_eps(p.dtype))
-        sol = solve_qp(Q, p, G, h, A, b, eps=eps, max_iter=max(self.maxIter, 50),
-                       check_convexity=self.check_Q_spd)
+        sol = solve_qp(
+            Q,
+            p,
+            G,
+            h,
+            A,
+            b,
+            eps=eps,
+            max_iter=max(self.maxIter, 50),
+            check_convexity=self.check_Q_spd,
+        )
         if self.verbose >= 0 and not bool(sol.solved.all()):
             bad = (~sol.solved).nonzero().flatten().tolist()[:10]
-            warnings.warn(f"QPFunction: problems {bad} not solved (status {sol.status[bad].tolist()})",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"QPFunction: problems {bad} not solved (status {sol.status[bad].tolist()})",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return sol.z

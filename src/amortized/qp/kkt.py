@@ -7,7 +7,9 @@ solve at a solution, for implicit differentiation (OptNet, Amos & Kolter 2017, e
 import torch
 from torch import Tensor
 
-from amortized.qp.pdipm import KKT, _mv, _rmv
+from amortized.qp.kkt_system import KKT
+from amortized.qp.kkt_system import mv as _mv
+from amortized.qp.kkt_system import rmv as _rmv
 
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:
@@ -21,27 +23,30 @@ def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor
 
 
 def transpose_solver(kkt: KKT, s: Tensor, lam: Tensor, solved: Tensor):
-    """u ↦ solution of (∂F/∂(z,λ,ν))ᵀ u = v at an interior point solution, reusing the
-    factorization of Q + GᵀWG (W = λ/s) that the last forward iteration computed.
+    """u ↦ solution of (∂F/∂(z,λ,ν))ᵀ u = v at the returned solution, reusing the forward's
+    last factorization `kkt`:
 
         Q u_z + Gᵀ(λ∘u_λ) + Aᵀu_ν = v_z
         G u_z − s∘u_λ             = v_λ      (Gz − h = −s at the solution)
         A u_z                     = v_ν
 
-    With w = λ∘u_λ = W(G u_z − v_λ) the first two rows reduce to the forward's saddle
-    system. At weakly active constraints (s ≈ λ ≈ 0) the exact Jacobian is singular; the
-    regularized factor then returns the least-change solution instead of a NaN. Problems
-    that are not `solved` (B,) get u = 0, hence zero gradients.
+    In w = λ∘u_λ this is the forward's KKT system with compliance D = s/λ (the interior
+    point factor), or D = 0 on active and ∞ on inactive rows (the polish factor). Then
+    u_λ = w/λ where λ > s and (G u_z − v_λ)/s elsewhere. At weakly active constraints
+    (s ≈ λ ≈ 0) the Jacobian is singular; the regularized factor gives a finite
+    (least-change) answer instead of a NaN. Problems that are not `solved` (B,) get
+    u = 0, hence zero gradients.
     """
     G = kkt.d.G
     keep = solved.unsqueeze(-1)
+    big = lam > s
+    lam_safe = torch.where(big, lam, 1.0)
+    s_safe = torch.where(big, 1.0, s.clamp(min=torch.finfo(s.dtype).eps))
 
     def solve(v):
         v_z, v_lam, v_nu = v
-        W_vlam = kkt.W * v_lam
-        u_z, u_nu = kkt.solve(v_z + _rmv(G, W_vlam), v_nu, refine=0)
-        u_lam = (_mv(G, u_z) - v_lam) / s
-        zero = torch.zeros((), dtype=u_z.dtype, device=u_z.device)
-        return tuple(torch.where(keep, u, zero) for u in (u_z, u_lam, u_nu))
+        u_z, w, u_nu = kkt.solve(v_z, v_lam, v_nu, refine=0)
+        u_lam = torch.where(big, w / lam_safe, (_mv(G, u_z) - v_lam) / s_safe)
+        return tuple(torch.where(keep, u, 0.0) for u in (u_z, u_lam, u_nu))
 
     return solve

@@ -45,7 +45,7 @@ class QPLayer(nn.Module):
 
         def const_or_param(name, value, shape, init):
             if value is not None:
-                if tuple(value.shape[-len(shape):]) != shape:
+                if tuple(value.shape[-len(shape) :]) != shape:
                     raise ValueError(f"{name} has shape {tuple(value.shape)}; expected {shape}")
                 self.register_buffer(name, value.to(**kw))
             elif 0 not in shape:
@@ -54,8 +54,12 @@ class QPLayer(nn.Module):
                 setattr(self, name, None)
 
         randn = lambda s: torch.randn(s, **kw) / max(1, s[-1]) ** 0.5
-        const_or_param("L", None if Q is None else torch.linalg.cholesky(Q.to(**kw)), (n, n),
-                       lambda s: torch.eye(n, **kw))
+        const_or_param(
+            "L",
+            None if Q is None else torch.linalg.cholesky(Q.to(**kw)),
+            (n, n),
+            lambda s: torch.eye(n, **kw),
+        )
         const_or_param("G", G, (n_ineq, n), randn)
         const_or_param("A", A, (n_eq, n), randn)
         learn_h, learn_b = h is None and n_ineq > 0, b is None and n_eq > 0

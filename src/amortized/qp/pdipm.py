@@ -2,26 +2,29 @@
 
     minimize ½ zᵀQz + pᵀz   subject to   Gz + s = h,  s ≥ 0,  Az = b
 
-Mehrotra's predictor-corrector (Mehrotra 1992; the batched form of OptNet, Amos & Kolter
-2017). Each iteration eliminates the slacks and inequality duals, leaving the saddle system
+Mehrotra's predictor-corrector (Mehrotra 1992), batched as in OptNet (Amos & Kolter 2017).
+Each iteration solves two Newton systems with one factorization of the KKT system
+(`kkt_system.KKT`, compliance D = s/λ). Problems advance under a per-problem mask: a
+converged or failed problem stops changing while the rest of the batch continues, and
+convergence is checked every few iterations so the loop syncs rarely.
 
-    [ Q + GᵀWG + ρI   Aᵀ ] [dz]   [r1]
-    [ A              −δI ] [dν] = [r2],      W = diag(λ / s),
-
-factored by two Choleskys (linalg.kkt). The static regularization ρ, δ keeps it definite
-for PSD-singular Q (LPs) and rank-deficient A; one step of iterative refinement against the
-unregularized system removes its bias. Problems advance under a per-problem mask: a
-converged (or failed) problem stops changing while the rest of the batch continues.
+Once a problem's residuals reach a loose tolerance, an active-set polish (as in OSQP)
+solves the equality-constrained QP on the constraints found active. It makes the answer
+exact to working precision without driving λ/s to extremes, and its factorization is the
+one the implicit backward reuses. Problems whose polish fails keep iterating.
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
 
-from amortized.linalg import SaddleFactor, factor_saddle
+from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv
 from amortized.qp.problem import QPData
 from amortized.qp.status import QPStatus
+
+SOLVED, MAX_ITER, INFEASIBLE, NUMERICAL = (int(c) for c in QPStatus)
 
 
 @dataclass(frozen=True)
@@ -31,115 +34,113 @@ class Iterate:
     lam: Tensor
     nu: Tensor
 
+    def where(self, mask: Tensor, other: "Iterate") -> "Iterate":
+        m = mask.unsqueeze(-1)
+        return Iterate(*(torch.where(m, a, b) for a, b in zip(self.fields(), other.fields())))
 
-@dataclass(frozen=True)
-class Residuals:
-    """Unscaled residuals (B, ·) and their per-problem scales (B,) for relative tests."""
-
-    r_d: Tensor  # Qz + p + Gᵀλ + Aᵀν
-    r_i: Tensor  # Gz + s − h
-    r_e: Tensor  # Az − b
-    primal: Tensor
-    dual: Tensor
-    gap: Tensor
-    primal_scale: Tensor
-    dual_scale: Tensor
-    gap_scale: Tensor
-
-
-def _mv(M: Tensor, x: Tensor) -> Tensor:
-    return (M @ x.unsqueeze(-1)).squeeze(-1)
-
-
-def _rmv(M: Tensor, x: Tensor) -> Tensor:
-    """Mᵀx for M (B, m, n), x (B, m)."""
-    return (x.unsqueeze(-2) @ M).squeeze(-2)
+    def fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        return self.z, self.s, self.lam, self.nu
 
 
 def _amax(x: Tensor) -> Tensor:
     return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
 
 
-def residuals(d: QPData, it: Iterate) -> Residuals:
-    Qz, Gz, Az = _mv(d.Q, it.z), _mv(d.G, it.z), _mv(d.A, it.z)
-    Gt_lam, At_nu = _rmv(d.G, it.lam), _rmv(d.A, it.nu)
-    r_d = Qz + d.p + Gt_lam + At_nu
-    r_i = Gz + it.s - d.h
-    r_e = Az - d.b
-    primal = torch.maximum(_amax(r_i), _amax(r_e))
-    primal_scale = 1 + torch.stack([_amax(Gz), _amax(d.h), _amax(Az), _amax(d.b)]).amax(0)
-    dual_scale = 1 + torch.stack([_amax(Qz), _amax(d.p), _amax(Gt_lam), _amax(At_nu)]).amax(0)
-    # duality gap of the Lagrangian dual: zᵀQz + pᵀz + hᵀλ + bᵀν (= sᵀλ when feasible)
-    zQz, pz = (it.z * Qz).sum(-1), (d.p * it.z).sum(-1)
-    hl, bn = (d.h * it.lam).sum(-1), (d.b * it.nu).sum(-1)
-    gap = torch.maximum((zQz + pz + hl + bn).abs(), (it.s * it.lam).sum(-1))
-    gap_scale = 1 + torch.stack([zQz.abs(), pz.abs(), hl.abs(), bn.abs()]).amax(0)
-    return Residuals(r_d, r_i, r_e, _amax(r_d), primal, gap, primal_scale, dual_scale, gap_scale)
+class Residuals:
+    """Residual vectors (B, ·) at an iterate; their norms, scales and the duality gap (B,)
+    are computed on first use only (at convergence checks)."""
 
+    def __init__(self, d: QPData, it: Iterate):
+        self.d, self.it = d, it
+        m = it.lam.shape[-1]
+        Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
+        self.Qz, self.Gz, self.Az = mv(d.Q, it.z), Cz[..., :m], Cz[..., m:]
+        self.Ct_y = rmv(d.C, torch.cat([it.lam, it.nu], -1))  # Gᵀλ + Aᵀν
+        self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
+        self.r_i = self.Gz + it.s - d.h  # Gz + s − h
+        self.r_e = self.Az - d.b  # Az − b
 
-class KKT:
-    """The Newton system of one interior point iteration, factored once and reused for the
-    predictor, the corrector and (at the solution) the implicit backward."""
+    @cached_property
+    def neg_r_d(self) -> Tensor:
+        """−r_d, one tensor shared by the predictor and corrector solves (so the
+        factorization can reuse H⁻¹(−r_d), see KKT)."""
+        return -self.r_d
 
-    def __init__(self, d: QPData, s: Tensor, lam: Tensor, rho: float, delta: float):
-        self.d = d
-        self.W = lam / s
-        self.H0 = d.Q + (d.G.mT * self.W.unsqueeze(-2)) @ d.G  # Q + GᵀWG
-        n = d.Q.shape[-1]
-        H = self.H0 + rho * torch.eye(n, dtype=s.dtype, device=s.device)
-        self.factor: SaddleFactor = factor_saddle(H, d.A, delta)
+    @cached_property
+    def primal(self) -> Tensor:
+        return torch.maximum(_amax(self.r_i), _amax(self.r_e))
 
-    def solve(self, r1: Tensor, r2: Tensor, refine: int = 1) -> tuple[Tensor, Tensor]:
-        """Solve [H0 Aᵀ; A 0][x; y] = [r1; r2] with the regularized factor plus refinement."""
-        x, y = self.factor.solve(r1, r2)
-        for _ in range(refine):
-            e1 = r1 - _mv(self.H0, x) - _rmv(self.d.A, y)
-            e2 = r2 - _mv(self.d.A, x)
-            dx, dy = self.factor.solve(e1, e2)
-            x, y = x + dx, y + dy
-        return x, y
+    @cached_property
+    def dual(self) -> Tensor:
+        return _amax(self.r_d)
 
-    def newton(self, it: Iterate, res: Residuals, r_c: Tensor) -> Iterate:
-        """Direction for the complementarity right-hand side λ∘s → λ∘s − r_c... written as
-        λ∘ds + s∘dλ = −r_c, with the primal and dual residuals of `res`."""
+    @cached_property
+    def _gap_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        d, it = self.d, self.it
+        return (
+            (it.z * self.Qz).sum(-1),
+            (d.p * it.z).sum(-1),
+            (d.h * it.lam).sum(-1),
+            (d.b * it.nu).sum(-1),
+        )
+
+    @cached_property
+    def gap(self) -> Tensor:
+        """Duality gap of the Lagrangian dual, zᵀQz + pᵀz + hᵀλ + bᵀν (= sᵀλ when feasible)."""
+        zQz, pz, hl, bn = self._gap_terms
+        return torch.maximum((zQz + pz + hl + bn).abs(), (self.it.s * self.it.lam).sum(-1))
+
+    def relative(self) -> Tensor:
+        """(B,) the largest of primal, dual and gap relative to their scales."""
         d = self.d
-        t = (it.lam * res.r_i - r_c) / it.s
-        dz, dnu = self.solve(-res.r_d - _rmv(d.G, t), -res.r_e)
-        dlam = self.W * _mv(d.G, dz) + t
-        ds = -res.r_i - _mv(d.G, dz)
-        return Iterate(dz, ds, dlam, dnu)
+        primal_scale = torch.stack([_amax(self.Gz), _amax(d.h), _amax(self.Az), _amax(d.b)]).amax(0)
+        dual_scale = torch.stack([_amax(self.Qz), _amax(d.p), _amax(self.Ct_y)]).amax(0)
+        gap_scale = torch.stack([x.abs() for x in self._gap_terms]).amax(0)
+        return torch.stack(
+            [
+                self.primal / (1 + primal_scale),
+                self.dual / (1 + dual_scale),
+                self.gap / (1 + gap_scale),
+            ]
+        ).amax(0)
+
+
+def residuals(d: QPData, it: Iterate) -> Residuals:
+    return Residuals(d, it)
+
+
+def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> Iterate:
+    """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
+    G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
+    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
+    return Iterate(dz, -res.r_i - mv(kkt.d.G, dz), dlam, dnu)
 
 
 def _max_step(x: Tensor, dx: Tensor) -> Tensor:
     """Largest α ≤ 1 with x + α dx ≥ 0, per problem. x, dx: (B, m)."""
     ratio = torch.where(dx < 0, -x / dx, torch.ones_like(x))
-    return ratio.amin(-1).clamp(max=1.0) if x.shape[-1] else x.new_ones(x.shape[0])
+    return ratio.amin(-1).clamp(max=1.0)
 
 
-def _initial_point(d: QPData, rho: float, delta: float, warm_start: Tensor | None) -> Iterate:
-    """Mehrotra's starting point: the least-squares solve with W = I, then slacks and duals
-    shifted into the interior."""
+def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iterate:
+    """Mehrotra's starting point: the least-squares solve with s = λ = 1 (D = 1), then slacks
+    and duals shifted into the interior."""
     B, n, m, q = d.shape
-    ones = d.p.new_ones(B, m)
-    kkt = KKT(d, ones, ones, rho, delta)
-    z, nu = kkt.solve(-d.p + _rmv(d.G, d.h), d.b)
+    kkt = KKT(d, d.p.new_ones(B, m), **kkt_args)
+    z, _, nu = kkt.solve(-d.p, d.h, d.b)
     if warm_start is not None:
         z = warm_start.expand(B, n).to(d.p)
     if m == 0:
         return Iterate(z, d.p.new_zeros(B, 0), d.p.new_zeros(B, 0), nu)
-    s = d.h - _mv(d.G, z)
-    lam = -s.clone()
-    ds = torch.clamp(-1.5 * s.amin(-1, keepdim=True), min=0)
-    dl = torch.clamp(-1.5 * lam.amin(-1, keepdim=True), min=0)
-    s, lam = s + ds, lam + dl
+    s = d.h - mv(d.G, z)
+    lam = -s
+    s = s + torch.clamp(-1.5 * s.amin(-1, keepdim=True), min=0)
+    lam = lam + torch.clamp(-1.5 * lam.amin(-1, keepdim=True), min=0)
     sl = (s * lam).sum(-1, keepdim=True)
-    s = s + 0.5 * sl / lam.sum(-1, keepdim=True).clamp(min=1e-30)
-    lam = lam + 0.5 * sl / s.sum(-1, keepdim=True).clamp(min=1e-30)
+    s, lam = s + 0.5 * sl / lam.sum(-1, keepdim=True), lam + 0.5 * sl / s.sum(-1, keepdim=True)
     # degenerate starts (s or λ identically zero) fall back to the unit point
-    bad = ~((s > 0).all(-1) & (lam > 0).all(-1) & torch.isfinite(s).all(-1) & torch.isfinite(lam).all(-1))
-    s = torch.where(bad[:, None], torch.ones_like(s), s)
-    lam = torch.where(bad[:, None], torch.ones_like(lam), lam)
-    return Iterate(z, s, lam, nu)
+    good = ((s > 0).all(-1) & (lam > 0).all(-1) & torch.isfinite(s + lam).all(-1)).unsqueeze(-1)
+    return Iterate(z, torch.where(good, s, 1.0), torch.where(good, lam, 1.0), nu)
 
 
 @dataclass
@@ -148,7 +149,7 @@ class PDIPMResult:
     res: Residuals
     status: Tensor
     iters: Tensor
-    kkt: KKT  # factored at the returned iterate for every SOLVED problem
+    kkt: KKT  # factored at the returned solution of every SOLVED problem
 
 
 def pdipm(
@@ -157,64 +158,140 @@ def pdipm(
     *,
     eps: float,
     max_iter: int,
-    check_every: int = 3,
+    check_every: int = 2,
     warm_start: Tensor | None = None,
+    polish: bool = True,
 ) -> PDIPMResult:
-    """Run the interior point method on the problems where `active` (B,) is True.
+    """Solve the problems where `active` (B,) is True; the others are reported NUMERICAL.
 
-    Convergence: primal ≤ eps·primal_scale, dual ≤ eps·dual_scale, gap ≤ eps·gap_scale.
-    Primal infeasibility: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas a feasible
-    point then needs ‖z‖₁ ≥ 1/eps_inf, so the flag is never raised on a reasonably
-    scaled feasible problem.
+    SOLVED: primal, dual residual and gap all ≤ eps relative to their scales.
+    INFEASIBLE: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas every feasible
+    point then has ‖z‖₁ ≥ 1/eps_inf, so the flag is not raised on a sensibly scaled feasible
+    problem.
     """
     B, n, m, q = d.shape
     dtype = d.p.dtype
     finfo = torch.finfo(dtype)
-    rho = delta = finfo.eps ** 0.5 * 1e-2 if dtype == torch.float64 else finfo.eps ** 0.5
-    eps_inf = finfo.eps ** 0.5
-    status = torch.full((B,), int(QPStatus.MAX_ITER), dtype=torch.long, device=d.p.device)
-    status = torch.where(active, status, torch.full_like(status, int(QPStatus.NUMERICAL)))
+    rho = delta = regularization(dtype)
+    # the dual elimination is better conditioned; in float64 the primal one is cheaper for m + q ≫ n
+    use_dual = m + q <= 2 * n or dtype != torch.float64
+    base: DualBase | None = dual_base(d, rho) if use_dual else None
+    kkt_args = {"rho": rho, "delta": delta, "base": base}
+    # Newton directions need not be exact (convergence is judged on true residuals)
+    refine = 0 if dtype == torch.float64 else 2
+    eps_inf = max(1e-6, finfo.eps**0.5)
+    # the polish takes over from a loose tolerance: the interior point method need not
+    # push λ/s to the extremes where its systems lose accuracy
+    eps_polish = max(eps, finfo.eps ** (1 / 3 if dtype == torch.float64 else 1 / 4)) if polish and m else eps
+    floor = finfo.tiny**0.5
+
+    status = torch.where(active, MAX_ITER, NUMERICAL)
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
-    it = _initial_point(d, rho, delta, warm_start)
+    it = _initial_point(d, kkt_args, warm_start)
     running = active.clone()
-    tiny = finfo.tiny ** 0.5
+    final_kkt = None
 
     for k in range(max_iter + 1):
         res = residuals(d, it)
-        kkt = KKT(d, it.s, it.lam, rho, delta)
+        kkt = KKT(d, it.s / it.lam, **kkt_args)
+        broken = running & ~kkt.ok
+        status = torch.where(broken, NUMERICAL, status)
+        running = running & ~broken
         if k % check_every == 0 or k == max_iter:
-            converged = (
-                (res.primal <= eps * res.primal_scale)
-                & (res.dual <= eps * res.dual_scale)
-                & (res.gap <= eps * res.gap_scale)
-            )
-            farkas = d.h.mul(it.lam).sum(-1) + d.b.mul(it.nu).sum(-1)
-            cert = torch.maximum(_amax(_rmv(d.G, it.lam) + _rmv(d.A, it.nu)), tiny * it.lam.sum(-1))
+            rel = res.relative()
+            if eps_polish > eps:
+                ready = running & (rel <= eps_polish)
+                if bool(ready.any()):
+                    it, res, kkt, final_kkt, done = _polish(d, it, res, kkt, final_kkt, ready, eps, kkt_args)
+                    status = torch.where(done, SOLVED, status)
+                    running = running & ~done
+                    rel = res.relative()
+            converged = rel <= eps
+            farkas = (d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)
+            cert = torch.maximum(_amax(rmv(d.G, it.lam) + rmv(d.A, it.nu)), floor * it.lam.sum(-1))
             infeasible = (farkas < 0) & (cert <= eps_inf * -farkas) & ~converged
-            broken = ~kkt.factor.ok | ~torch.isfinite(res.primal + res.dual + res.gap)
-            for flag, code in ((converged, QPStatus.SOLVED), (infeasible, QPStatus.INFEASIBLE), (broken, QPStatus.NUMERICAL)):
-                status = torch.where(running & flag, int(code), status)
-                running = running & ~flag
-            if not bool(running.any()) or k == max_iter:
+            status = torch.where(running & converged, SOLVED, status)
+            status = torch.where(running & infeasible, INFEASIBLE, status)
+            if final_kkt is not None:
+                final_kkt = _merge(final_kkt, kkt, running & converged, d, it, kkt_args)
+            running = running & ~converged & ~infeasible
+            if k == max_iter or not bool(running.any()):
                 break
         iters = iters + running
         # Mehrotra predictor-corrector
-        aff = kkt.newton(it, res, it.s * it.lam)
+        aff = newton(kkt, it, res, it.s * it.lam, refine)
         if m:
             mu = (it.s * it.lam).mean(-1, keepdim=True)
             a_aff = torch.minimum(_max_step(it.s, aff.s), _max_step(it.lam, aff.lam)).unsqueeze(-1)
             mu_aff = ((it.s + a_aff * aff.s) * (it.lam + a_aff * aff.lam)).mean(-1, keepdim=True)
             sigma = (mu_aff / mu).clamp(max=1.0) ** 3
-            step = kkt.newton(it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu)
+            step = newton(kkt, it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu, refine)
             alpha = 0.99 * torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam))
-            alpha = alpha.clamp(max=1.0)
         else:
             step, alpha = aff, d.p.new_ones(B)
-        a = torch.where(running, alpha, torch.zeros_like(alpha)).unsqueeze(-1)
+        finite = torch.isfinite(sum(x.sum(-1) for x in step.fields()) + alpha)
+        status = torch.where(running & ~finite, NUMERICAL, status)
+        running = running & finite
+        a = torch.where(running, alpha, 0.0).unsqueeze(-1)
+        step = Iterate(*(torch.where(running.unsqueeze(-1), x, 0.0) for x in step.fields()))
         it = Iterate(
             it.z + a * step.z,
-            (it.s + a * step.s).clamp(min=tiny) if m else it.s,
-            (it.lam + a * step.lam).clamp(min=tiny) if m else it.lam,
+            (it.s + a * step.s).clamp(min=floor),
+            (it.lam + a * step.lam).clamp(min=floor),
             it.nu + a * step.nu,
         )
-    return PDIPMResult(it, res, status, iters, kkt)
+    return PDIPMResult(it, res, status, iters, kkt if final_kkt is None else final_kkt)
+
+
+def _polish(
+    d: QPData,
+    it: Iterate,
+    res: Residuals,
+    kkt: KKT,
+    final_kkt: KKT | None,
+    ready: Tensor,
+    eps: float,
+    kkt_args: dict,
+):
+    """Active-set polish of the `ready` problems: solve the QP with the constraints
+    {λ > s} as equalities and the others dropped. A problem is done when the polished
+    point is dual feasible and meets eps; then its point and factorization replace the
+    interior point ones. Returns the updated iterate, residuals, iteration KKT, final
+    KKT (for the backward) and the done mask."""
+    hard = it.lam > it.s
+    eps_m = 10 * torch.finfo(d.p.dtype).eps
+    for _ in range(3):
+        pk = KKT(d, torch.where(hard, 0.0, torch.inf), active_set=True, **kkt_args)
+        # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
+        z, lam, nu = pk.solve(-d.p, d.h, d.b, refine=3)
+        Gz = mv(d.G, z)
+        # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
+        # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
+        lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)
+        row_tol = eps_m * (1 + d.h.abs() + Gz.abs())
+        drop = hard & (lam < -lam_tol)
+        add = ~hard & (Gz - d.h > row_tol)
+        wrong = ready & (drop | add).any(-1)
+        if not bool(wrong.any()):
+            break
+        hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
+    lam = torch.where(hard, lam, 0.0)
+    cand = Iterate(z, (d.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
+    cres = residuals(d, cand)
+    done = ready & pk.ok & ~wrong & (cres.relative() <= eps)
+    it = cand.where(done, it)
+    res = residuals(d, it)
+    final_kkt = pk if final_kkt is None else _select(done, pk, final_kkt, d, it, kkt_args)
+    return it, res, kkt, final_kkt, done
+
+
+def _select(mask: Tensor, a: KKT, b: KKT, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
+    """One KKT for the backward: a's compliance where mask, else b's (refactored)."""
+    return KKT(d, torch.where(mask.unsqueeze(-1), a.D, b.D), active_set=True, **kkt_args)
+
+
+def _merge(final_kkt: KKT, kkt: KKT, newly: Tensor, d: QPData, it: Iterate, kkt_args: dict) -> KKT:
+    """Problems that converged without polish contribute their interior point factor."""
+    if not bool(newly.any()):
+        return final_kkt
+    return _select(newly, kkt, final_kkt, d, it, kkt_args)

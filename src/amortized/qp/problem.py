@@ -6,6 +6,7 @@ Every argument may carry a leading batch dimension or omit it (shared by the bat
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 from torch import Tensor
@@ -22,6 +23,11 @@ class QPData:
     h: Tensor
     A: Tensor
     b: Tensor
+
+    @cached_property
+    def C(self) -> Tensor:
+        """[G; A] (B, m + q, n): all constraint rows, for single-pass products."""
+        return torch.cat([self.G, self.A], dim=-2)
 
     @property
     def shape(self) -> tuple[int, int, int, int]:

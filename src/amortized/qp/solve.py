@@ -102,8 +102,13 @@ def solve_qp(
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
         params = [x if x is not None and x.numel() else None for x in params]
         F = _kkt_with_defaults(B, n, p)
-        z, lam, nu = implicit_root(F, _warn_unsolved(transpose_solver(r.kkt, s, lam, solved), solved),
-                                   (z, lam, nu), params)
+        z, lam, nu = implicit_root(
+            F,
+            _warn_unsolved(transpose_solver(r.kkt, s, lam, solved), solved),
+            (z, lam, nu),
+            params,
+            refine=2,
+        )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
 
@@ -112,8 +117,12 @@ def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
     f2, f3 = finite[:, None], finite[:, None, None]
     eye = torch.eye(d.Q.shape[-1], dtype=d.Q.dtype, device=d.Q.device)
     return QPData(
-        torch.where(f3, d.Q, eye), torch.where(f2, d.p, 0.0), torch.where(f3, d.G, 0.0),
-        torch.where(f2, d.h, 1.0), torch.where(f3, d.A, 0.0), torch.where(f2, d.b, 0.0),
+        torch.where(f3, d.Q, eye),
+        torch.where(f2, d.p, 0.0),
+        torch.where(f3, d.G, 0.0),
+        torch.where(f2, d.h, 1.0),
+        torch.where(f3, d.A, 0.0),
+        torch.where(f2, d.b, 0.0),
     )
 
 
@@ -139,8 +148,11 @@ def _warn_unsolved(solve, solved: Tensor):
         if not warned and not bool(solved.all()):
             warned = True
             bad = (~solved).nonzero().flatten().tolist()[:10]
-            warnings.warn(f"solve_qp backward: problems {bad} are not SOLVED; their gradients are zero",
-                          RuntimeWarning, stacklevel=2)
+            warnings.warn(
+                f"solve_qp backward: problems {bad} are not SOLVED; their gradients are zero",
+                RuntimeWarning,
+                stacklevel=2,
+            )
         return solve(v)
 
     return wrapped

@@ -1,0 +1,180 @@
+"""The one linear system of the QP solver, its polish and its implicit backward:
+
+    Q x + Gᵀ y_i + Aᵀ y_e = r1
+    G x − D ∘ y_i         = r_i
+    A x                   = r_e
+
+with a compliance D (B, m) ≥ 0 per inequality row: D = s/λ inside the interior point
+method, D = 0 for a row held as an equality (the active set of the polish), D = ∞ for a row
+left out. Two factorizations, chosen per batch:
+
+* "primal": eliminate the rows with 0 < D < ∞ into H = Q + Gᵀ D⁻¹ G (Cholesky of n × n),
+  the rest by a Schur complement. Works for singular Q (LPs); its conditioning grows with
+  λ/s.
+* "dual": eliminate x with H = Q + ρI, factored once per solve together with
+  M = C H⁻¹ Cᵀ (C = [G; A]); each iteration only factors M + diag(D) ((m+q) × (m+q)).
+  Well conditioned at any λ/s, which float32 needs (qpth's elimination); needs Q
+  comfortably positive definite.
+
+Both regularize (ρ on x, δ on equality rows) so that singular Q and rank-deficient A
+factor, and `solve` refines against the exact system.
+"""
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from amortized.linalg import cholesky, cholesky_solve, factor_saddle
+from amortized.qp.problem import QPData
+
+
+def mv(M: Tensor, x: Tensor) -> Tensor:
+    """Mx for M (B, m, n), x (B, n)."""
+    return (M @ x.unsqueeze(-1)).squeeze(-1)
+
+
+def rmv(M: Tensor, x: Tensor) -> Tensor:
+    """Mᵀx for M (B, m, n), x (B, m)."""
+    return (x.unsqueeze(-2) @ M).squeeze(-2)
+
+
+def regularization(dtype: torch.dtype) -> float:
+    return torch.finfo(dtype).eps ** 0.5 * (1e-2 if dtype == torch.float64 else 1e-1)
+
+
+@dataclass(frozen=True)
+class DualBase:
+    """What the dual elimination reuses across iterations: L_H = chol(Q + ρI) (B, n, n),
+    HinvCt = H⁻¹Cᵀ (B, n, m+q), M = C H⁻¹ Cᵀ (B, m+q, m+q)."""
+
+    L_H: Tensor
+    HinvCt: Tensor
+    M: Tensor
+    ok: Tensor
+
+
+def dual_base(d: QPData, rho: float) -> DualBase | None:
+    """Factor Q + ρI once, or return None when Q is not comfortably positive definite
+    (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one."""
+    n = d.Q.shape[-1]
+    eye = torch.eye(n, dtype=d.Q.dtype, device=d.Q.device)
+    L, ok = cholesky(d.Q + rho * eye)
+    pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
+    scale = 1 + d.Q.abs().amax(dim=(-2, -1))
+    if not bool((ok & (pivot >= torch.finfo(d.Q.dtype).eps ** 0.5 * scale)).all()):
+        return None
+    HinvCt = cholesky_solve(L, d.C.mT)
+    return DualBase(L, HinvCt, d.C @ HinvCt, ok)
+
+
+class KKT:
+    """The system above, factored. `active_set=True` allows D ∈ {0, ∞} entries (the polish
+    and the backward); otherwise 0 < D < ∞ (the interior point iterations), which skips
+    the masking work."""
+
+    def __init__(
+        self,
+        d: QPData,
+        D: Tensor,
+        *,
+        rho: float,
+        delta: float,
+        base: DualBase | None = None,
+        active_set: bool = False,
+    ):
+        self.d, self.D, self.base, self.active_set = d, D, base, active_set
+        self._r1 = None
+        self.absent = torch.isinf(D) if active_set else None
+        self.hard = D == 0 if active_set else None
+        if base is not None:
+            self._factor_dual(base, delta)
+        else:
+            self._factor_primal(rho, delta)
+
+    def _factor_dual(self, base: DualBase, delta: float) -> None:
+        d, D = self.d, self.D
+        if self.active_set:
+            # rows left out decouple: zero row and column of M, unit diagonal, zero right side
+            self.keep = torch.cat([~self.absent, torch.ones_like(d.b, dtype=torch.bool)], -1)
+            S = base.M * (self.keep.unsqueeze(-1) & self.keep.unsqueeze(-2))
+            D = torch.where(self.absent, 1.0, D)
+        else:
+            S = base.M.clone()
+        # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
+        # M + diag(D) indefinite when rows of C are (nearly) dependent
+        Sd = S.diagonal(dim1=-2, dim2=-1)
+        scale = (
+            torch.finfo(D.dtype).eps * Sd.abs().amax(-1, keepdim=True)
+            if S.shape[-1]
+            else S.new_zeros(S.shape[0], 1)
+        )
+        M_diag = Sd.clone()
+        boost = torch.ones_like(scale)
+        for _ in range(3):
+            floor = delta + boost * scale
+            Sd.copy_(M_diag + torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1))
+            self.L_S, ok = cholesky(S)
+            if bool(ok.all()):
+                break
+            boost = torch.where(ok.unsqueeze(-1), boost, boost * 30 * S.shape[-1])
+        self.ok = ok & base.ok
+
+    def _factor_primal(self, rho: float, delta: float) -> None:
+        d, D = self.d, self.D
+        if self.active_set:
+            soft = ~self.absent & ~self.hard
+            self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
+        else:
+            self.W = 1 / D
+        self.H0 = d.Q + (d.G.mT * self.W.unsqueeze(-2)) @ d.G if D.shape[-1] else d.Q
+        H = self.H0.clone()
+        Hd = H.diagonal(dim1=-2, dim2=-1)
+        # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
+        Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
+        if self.active_set:
+            C = torch.cat([d.G * self.hard.unsqueeze(-1), d.A], dim=-2)
+            dvec = torch.cat([torch.where(self.hard, delta, 1.0), torch.full_like(d.b, delta)], -1)
+            self.factor = factor_saddle(H, C, dvec)
+        else:
+            self.factor = factor_saddle(H, d.A, delta)
+        self.ok = self.factor.ok
+
+    def apply(self, x: Tensor, y_i: Tensor, y_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact (unregularized) operator."""
+        d = self.d
+        if self.active_set:
+            r_i = torch.where(self.absent, 0.0, mv(d.G, x) - torch.where(self.absent, 0.0, self.D) * y_i)
+        else:
+            r_i = mv(d.G, x) - self.D * y_i
+        return mv(d.Q, x) + rmv(d.G, y_i) + rmv(d.A, y_e), r_i, mv(d.A, x)
+
+    def _solve_once(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        m = r_i.shape[-1]
+        if self.active_set:
+            r_i = torch.where(self.absent, 0.0, r_i)
+        if self.base is not None:
+            b = self.base
+            if r1 is not self._r1:  # predictor and corrector share r1: reuse H⁻¹r1, C H⁻¹r1
+                self._r1, self._x0 = r1, cholesky_solve(b.L_H, r1)
+                self._CHr = (r1.unsqueeze(-2) @ b.HinvCt).squeeze(-2)
+            x0 = self._x0
+            rhs = self._CHr - torch.cat([r_i, r_e], -1)  # C H⁻¹ r1 − r2
+            y = cholesky_solve(self.L_S, rhs * self.keep if self.active_set else rhs)
+            return x0 - mv(b.HinvCt, y), y[..., :m], y[..., m:]
+        r1 = r1 + rmv(self.d.G, self.W * r_i)
+        if self.active_set:
+            x, y = self.factor.solve(r1, torch.cat([r_i * self.hard, r_e], -1))
+            y_i = torch.where(self.hard, y[..., :m], self.W * (mv(self.d.G, x) - r_i))
+            return x, y_i, y[..., m:]
+        x, y_e = self.factor.solve(r1, r_e)
+        return x, self.W * (mv(self.d.G, x) - r_i), y_e
+
+    def solve(self, r1: Tensor, r_i: Tensor, r_e: Tensor, refine: int = 1):
+        """(x, y_i, y_e), refined `refine` times against the exact operator."""
+        x, y_i, y_e = self._solve_once(r1, r_i, r_e)
+        for _ in range(refine):
+            a1, a_i, a_e = self.apply(x, y_i, y_e)
+            dx, dy_i, dy_e = self._solve_once(r1 - a1, r_i - a_i, r_e - a_e)
+            x, y_i, y_e = x + dx, y_i + dy_i, y_e + dy_e
+        return x, y_i, y_e

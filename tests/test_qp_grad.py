@@ -1,0 +1,124 @@
+"""Gradients of solve_qp: gradcheck, finite differences, qpth, broadcasting, float32."""
+
+import pytest
+import torch
+
+import amortized as am
+from amortized.problems.random_qp import FAMILIES, random_qp
+
+
+def _solve(*args):
+    sol = am.solve_qp(*args)
+    return sol.z, sol.lam, sol.nu
+
+
+def test_gradcheck_all_arguments_and_duals():
+    data = random_qp(2, 5, 4, 2, generator=torch.Generator().manual_seed(0))
+    args = [x.clone().requires_grad_() for x in data]
+    assert torch.autograd.gradcheck(_solve, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+def test_gradcheck_box_and_equality_only():
+    Q, p, G, h, _, _ = FAMILIES["box"](2, torch.float64, torch.Generator().manual_seed(1))
+    n = 6
+    Q, p, G, h = (
+        Q[:, :n, :n],
+        p[:, :n],
+        torch.cat([torch.eye(n), -torch.eye(n)]).double().expand(2, -1, -1),
+        h[:, : 2 * n],
+    )
+    args = [x.clone().requires_grad_() for x in (Q, p, G, h)]
+    assert torch.autograd.gradcheck(lambda *a: _solve(*a)[0], args, eps=1e-6, atol=1e-5, rtol=1e-4)
+    Q, p, _, _, A, b = FAMILIES["equality"](2, torch.float64, torch.Generator().manual_seed(2))
+    args = [x.clone().requires_grad_() for x in (Q, p, A, b)]
+    fn = lambda Q, p, A, b: _solve(Q, p, None, None, A, b)
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["optnet", "tall", "lp_box", "degenerate"])
+def test_directional_finite_difference(family):
+    """⟨∇L, d⟩ against a central difference of L along a random direction d of all data."""
+    g = torch.Generator().manual_seed(7)
+    data = FAMILIES[family](3, torch.float64, g)
+    args = [x.clone().requires_grad_() for x in data]
+    w = torch.randn(data[1].shape, generator=g, dtype=torch.float64)
+    loss = lambda *a: (am.solve_qp(*a).z * w).sum()
+    loss(*args).backward()
+    dirs = [torch.randn(x.shape, generator=g, dtype=torch.float64) * (x != 0) for x in data]
+    if family in ("lp_box", "degenerate"):
+        # keep the structure along the direction: Q = 0 and identity box rows of the LP,
+        # the duplicated (consistent) rows of the degenerate family
+        keep = (1, 3) if family == "lp_box" else (1,)
+        dirs = [d if k in keep else d * 0 for k, d in enumerate(dirs)]
+    analytic = sum((a.grad * d).sum() for a, d in zip(args, dirs) if a.grad is not None)
+    t = 1e-6
+    with torch.no_grad():
+        plus = loss(*(x + t * d for x, d in zip(data, dirs)))
+        minus = loss(*(x - t * d for x, d in zip(data, dirs)))
+    fd = (plus - minus) / (2 * t)
+    assert abs(analytic - fd) <= 1e-5 * (1 + abs(fd))
+
+
+def test_gradients_match_qpth():
+    qpth = pytest.importorskip("qpth.qp")
+    data = FAMILIES["optnet"](4, torch.float64, torch.Generator().manual_seed(8))
+    w = torch.linspace(-1, 1, data[1].numel(), dtype=torch.float64).reshape(data[1].shape)
+    ours = [x.clone().requires_grad_() for x in data]
+    (am.solve_qp(*ours).z * w).sum().backward()
+    theirs = [x.clone().requires_grad_() for x in data]
+    (qpth.QPFunction(verbose=-1)(*theirs) * w).sum().backward()
+    # qpth stops at ~1e-4 relative accuracy (its gradients are off by ~3e-4 from central
+    # differences on these problems, ours by ~1e-9; see the finite-difference tests)
+    for a, b in zip(ours, theirs):
+        assert (a.grad - b.grad).abs().max() <= 2e-3 * (1 + b.grad.abs().max())
+
+
+def test_broadcast_gradients_are_summed():
+    Q, p, G, h, A, b = FAMILIES["optnet"](3, torch.float64, torch.Generator().manual_seed(9))
+    shared = [x[0].clone().requires_grad_() for x in (Q, G, h, A, b)]
+    pb = p.clone().requires_grad_()
+    am.solve_qp(shared[0], pb, *shared[1:]).z.sum().backward()
+    for k in range(3):
+        each = [x[0].clone().requires_grad_() for x in (Q, G, h, A, b)]
+        am.solve_qp(each[0], p[k], *each[1:]).z.sum().backward()
+        if k == 0:
+            total = [e.grad.clone() for e in each]
+        else:
+            total = [t + e.grad for t, e in zip(total, each)]
+    for s, t in zip(shared, total):
+        torch.testing.assert_close(s.grad, t, rtol=1e-6, atol=1e-8 * t.abs().max().item())
+
+
+def test_float32_gradients_close_to_float64():
+    data = FAMILIES["optnet"](8, torch.float64, torch.Generator().manual_seed(10))
+    grads = {}
+    for dtype in (torch.float64, torch.float32):
+        args = [x.to(dtype).clone().requires_grad_() for x in data]
+        sol = am.solve_qp(*args)
+        (sol.z.square().sum() + sol.lam.sum()).backward()
+        grads[dtype] = [a.grad.double() for a in args]
+    for g32, g64 in zip(grads[torch.float32], grads[torch.float64]):
+        assert (g32 - g64).abs().max() <= 1e-3 * g64.abs().max()
+
+
+def test_unsolved_problems_get_zero_gradient_and_a_warning():
+    data = FAMILIES["optnet"](3, torch.float64, torch.Generator().manual_seed(11))
+    p = data[1].clone().requires_grad_()
+    sol = am.solve_qp(data[0], p, *data[2:], max_iter=1)
+    assert (sol.status == am.QPStatus.MAX_ITER).all()
+    with pytest.warns(RuntimeWarning, match="not SOLVED"):
+        sol.z.sum().backward()
+    assert torch.equal(p.grad, torch.zeros_like(p))
+
+
+def test_gradient_at_weakly_active_constraint_is_finite():
+    """z* = 0 with the constraint z ≤ 0 weakly active (λ = 0): no NaN in the gradient."""
+    Q = torch.eye(2, dtype=torch.float64)
+    p = torch.zeros(2, dtype=torch.float64, requires_grad=True)
+    G = torch.tensor([[1.0, 0.0]], dtype=torch.float64, requires_grad=True)
+    h = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    sol = am.solve_qp(Q, p, G, h)
+    assert sol.solved.all()
+    (sol.z.sum() + sol.lam.sum()).backward()
+    for x in (p, G, h):
+        assert torch.isfinite(x.grad).all()
