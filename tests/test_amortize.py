@@ -83,9 +83,7 @@ def test_each_loss_recovers_the_solution_map(loss):
 @pytest.mark.parametrize("weights", ["last", "constant", "increasing"])
 def test_semi_amortized_unrolled_training_recovers_the_map(weights):
     prob = ParametricQuadratic()
-    am = Amortizer(
-        prob, linear_model(), refiner=GradientRefiner(0.3), train_refine_steps=3, weights=weights
-    )
+    am = Amortizer(prob, linear_model(), refiner=GradientRefiner(0.3), train_refine_steps=3, weights=weights)
     fit(am, steps=300, lr=0.1)
     x = prob.sample(256, torch.Generator().manual_seed(9))
     # The refined prediction reaches y*; with weight on y_0 the raw prediction does too.
@@ -158,9 +156,7 @@ def test_test_time_fine_tuning_is_separate_from_training():
 
 def test_iterate_weights():
     z = torch.zeros((), dtype=torch.float64)
-    torch.testing.assert_close(
-        iterate_weights("constant", 3, z), torch.full((4,), 0.25, dtype=torch.float64)
-    )
+    torch.testing.assert_close(iterate_weights("constant", 3, z), torch.full((4,), 0.25, dtype=torch.float64))
     torch.testing.assert_close(
         iterate_weights("increasing", 2, z), torch.tensor([1, 2, 3], dtype=torch.float64) / 6
     )
@@ -176,9 +172,7 @@ def test_iterate_weights():
 def test_projections():
     g = torch.Generator().manual_seed(0)
     raw = torch.randn(7, 5, generator=g, dtype=torch.float64) * 3
-    torch.testing.assert_close(
-        SphereProjection()(raw).norm(dim=-1), torch.ones(7, dtype=torch.float64)
-    )
+    torch.testing.assert_close(SphereProjection()(raw).norm(dim=-1), torch.ones(7, dtype=torch.float64))
     s = SimplexProjection()(raw)
     assert bool((s > 0).all())
     torch.testing.assert_close(s.sum(-1), torch.ones(7, dtype=torch.float64))
@@ -234,12 +228,8 @@ def test_report_fields_computed_by_hand():
     assert r.objective_gap_rel == pytest.approx(-0.016)
     assert r.median_distance == pytest.approx(math.hypot(0.5, 0.1))
     assert r.max_eq_violation == pytest.approx(0.4) and r.mean_eq_violation == pytest.approx(0.4)
-    assert r.max_ineq_violation == pytest.approx(0.5) and r.mean_ineq_violation == pytest.approx(
-        0.25
-    )
-    assert r.time_to_match_s == pytest.approx(
-        0.4
-    )  # the trace first reaches 2.46 at 0.4 s (value 1.0)
+    assert r.max_ineq_violation == pytest.approx(0.5) and r.mean_ineq_violation == pytest.approx(0.25)
+    assert r.time_to_match_s == pytest.approx(0.4)  # the trace first reaches 2.46 at 0.4 s (value 1.0)
     assert r.speedup_time_to_match == pytest.approx(0.4 / r.model_time_per_batch_s)
     assert r.model_time_per_instance_s == pytest.approx(r.model_time_per_batch_s / 2)
     d = r.to_dict()
@@ -297,3 +287,15 @@ def test_bad_input_errors():
     am = Amortizer(prob, linear_model(), loss="regression")
     with pytest.raises(ValueError, match="labelled"):
         am.fit(torch.optim.SGD(am.model.parameters(), lr=0.1), steps=1, batch_size=4)
+
+
+def test_problem_projection_is_applied():
+    class OnSphere(ParametricQuadratic):
+        def project(self, y, x):
+            return SphereProjection()(y)
+
+    prob = OnSphere()
+    am = Amortizer(prob, linear_model())
+    x = prob.sample(6)
+    torch.testing.assert_close(am.predict(x).norm(dim=-1), torch.ones(6, dtype=torch.float64))
+    assert am.loss(x).requires_grad

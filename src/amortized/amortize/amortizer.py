@@ -71,6 +71,8 @@ class Amortizer:
     def iterates(self, x: Tensor, steps: int, *, create_graph: bool) -> list[Tensor]:
         """[ŷ_θ(x), y_1, …, y_steps]: the prediction and its refinement iterates."""
         y0 = self.model(x)
+        if hasattr(self.problem, "project"):  # the problem's own output projection, if any
+            y0 = self.problem.project(y0, x)
         if steps == 0:
             return [y0]
         return self.refiner(self.problem.objective, y0, x, steps, create_graph=create_graph)
@@ -80,7 +82,7 @@ class Amortizer:
         steps = self.test_refine_steps if refine_steps is None else refine_steps
         with torch.no_grad():
             if steps == 0:
-                return self.model(x)
+                return self.iterates(x, 0, create_graph=False)[0]
         return self.iterates(x, steps, create_graph=False)[-1].detach()
 
     # ----------------------------------------------------------------- training
@@ -131,9 +133,7 @@ class Amortizer:
             if data is None:
                 x, y_star = self.problem.sample(batch_size, generator), None
             else:
-                idx = torch.randint(data[0].shape[0], (batch_size,), generator=generator).to(
-                    data[0].device
-                )
+                idx = torch.randint(data[0].shape[0], (batch_size,), generator=generator).to(data[0].device)
                 x = data[0][idx]
                 y_star = None if data[1] is None else data[1][idx]
             loss = self.loss(x, y_star)
@@ -219,9 +219,7 @@ class Amortizer:
         from amortized import __version__
 
         path = Path(path)
-        state = {
-            k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()
-        }
+        state = {k: v.detach().cpu().contiguous().clone() for k, v in self.model.state_dict().items()}
         dtypes = sorted({str(v.dtype) for v in state.values() if v.is_floating_point()})
         sidecar = {
             "format": "amortized.Amortizer/1",
@@ -252,16 +250,12 @@ class Amortizer:
         sidecar = json.loads(Path(str(path) + ".json").read_text())
         expected = f"{type(self.model).__module__}.{type(self.model).__qualname__}"
         if sidecar.get("model_class") != expected:
-            raise ValueError(
-                f"checkpoint holds a {sidecar.get('model_class')}, this model is a {expected}"
-            )
+            raise ValueError(f"checkpoint holds a {sidecar.get('model_class')}, this model is a {expected}")
         device = next(iter(self.model.parameters()), torch.zeros(())).device
         try:
             self.model.load_state_dict(load_file(str(path), device=str(device)))
         except RuntimeError as e:
-            raise ValueError(
-                f"checkpoint {path} does not match this model's parameters: {e}"
-            ) from None
+            raise ValueError(f"checkpoint {path} does not match this model's parameters: {e}") from None
         return sidecar
 
 

@@ -56,7 +56,5 @@ def iterate_weights(kind: str | Sequence[float], K: int, like: Tensor) -> Tensor
     else:
         w = torch.as_tensor(list(kind), dtype=torch.float64)
         if w.shape != (K + 1,) or bool((w < 0).any()) or float(w.sum()) <= 0:
-            raise ValueError(
-                f"explicit iterate weights must be {K + 1} non-negative numbers, not all zero"
-            )
+            raise ValueError(f"explicit iterate weights must be {K + 1} non-negative numbers, not all zero")
     return (w / w.sum()).to(like)

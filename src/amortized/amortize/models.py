@@ -76,9 +76,7 @@ class EqualityCompletion(nn.Module):
     x (B, context_dim) → b (B, q). Output y (B, n) satisfies A y = b(x) to rounding.
     """
 
-    def __init__(
-        self, A: Tensor, other: Tensor | None = None, rhs: Callable[[Tensor], Tensor] | None = None
-    ):
+    def __init__(self, A: Tensor, other: Tensor | None = None, rhs: Callable[[Tensor], Tensor] | None = None):
         super().__init__()
         q, n = A.shape
         if q >= n:

@@ -38,9 +38,7 @@ class Problem(Protocol):
 
 def check_problem(problem: object) -> None:
     """Raise TypeError naming what is missing when `problem` is not a `Problem`."""
-    missing = [
-        a for a in ("context_dim", "solution_dim", "objective", "sample") if not hasattr(problem, a)
-    ]
+    missing = [a for a in ("context_dim", "solution_dim", "objective", "sample") if not hasattr(problem, a)]
     if missing:
         raise TypeError(f"{type(problem).__name__} is not a Problem: missing {', '.join(missing)}")
 

@@ -68,9 +68,7 @@ class AdamRefiner:
     lr, betas, eps as in torch.optim.Adam; the state starts fresh at y0 every call.
     """
 
-    def __init__(
-        self, lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8
-    ):
+    def __init__(self, lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.lr, self.betas, self.eps = lr, betas, eps
 
     def __call__(

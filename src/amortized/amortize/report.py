@@ -91,6 +91,5 @@ class EvalReport:
     def to_dict(self) -> dict:
         """JSON-ready dict (non-finite floats become None)."""
         return {
-            k: (None if isinstance(v, float) and not math.isfinite(v) else v)
-            for k, v in asdict(self).items()
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in asdict(self).items()
         }
