@@ -188,18 +188,14 @@ def run_qp_proxy(
     methods["dc3"] = dc3
     # Ours: the regression model's prediction picks the starting active set.
     fallback = ActiveSetWithFallback(P)
-    ours = Amortizer(
-        P, reg.model, loss="regression", refiner=fallback, test_refine_steps=active_set_steps
-    )
+    ours = Amortizer(P, reg.model, loss="regression", refiner=fallback, test_refine_steps=active_set_steps)
     methods["ours_active_set"] = ours
 
     class Zero(nn.Module):  # the same refinement from a cold start, to see what the model buys
         def forward(self, x):
             return x.new_zeros(x.shape[0], n)
 
-    cold = Amortizer(
-        P, Zero(), refiner=ActiveSetWithFallback(P), test_refine_steps=active_set_steps
-    )
+    cold = Amortizer(P, Zero(), refiner=ActiveSetWithFallback(P), test_refine_steps=active_set_steps)
     methods["active_set_cold_start"] = cold
 
     task = _task(progress, "evaluate", len(methods))
@@ -415,9 +411,7 @@ def run_vae(
     trace_elbo = [elbo(s, trace_samples) for s in snaps]
     e_enc_trace = elbo(y_enc, trace_samples)
     e_adam = elbo(snaps[-1])
-    match = next(
-        ((t, k) for t, k, e in zip(times, its, trace_elbo, strict=True) if e >= e_enc_trace), None
-    )
+    match = next(((t, k) for t, k, e in zip(times, its, trace_elbo, strict=True) if e >= e_enc_trace), None)
     _advance(progress, task)
     # q*: a long per-datapoint optimization started at the encoder's output.
     y_opt = optimize_long(P, x_test, y_enc, iters=optimum_iters, lr=adam_lr)
@@ -501,7 +495,7 @@ def _plot_vae(out: Path, res: dict, P, x, y_enc, snaps: dict) -> None:
         xscale="log",
         xlabel="wall time (s)",
         ylabel="mean ELBO (held-out digits)",
-        ylim=(lo - 3, None),
+        ylim=(lo - 3, max(tr["elbo"] + [tr["encoder_elbo_same_noise"]]) + 0.5),
         title="Amortized vs per-datapoint VI (cf. tutorial Fig. 4.1)",
     )
     ax.legend(fontsize=7)
@@ -663,11 +657,7 @@ def _plot_sphere(path: Path, P, model, x, y_ref) -> None:
     lon = torch.linspace(-torch.pi, torch.pi, 180, dtype=x.dtype)
     lat = torch.linspace(-torch.pi / 2, torch.pi / 2, 90, dtype=x.dtype)
     LA, LO = torch.meshgrid(lat, lon, indexing="ij")
-    pts = (
-        torch.stack([LA.cos() * LO.cos(), LA.cos() * LO.sin(), LA.sin()], -1)
-        .reshape(-1, 3)
-        .to(x.device)
-    )
+    pts = torch.stack([LA.cos() * LO.cos(), LA.cos() * LO.sin(), LA.sin()], -1).reshape(-1, 3).to(x.device)
     to_ll = lambda v: (
         torch.atan2(v[..., 1], v[..., 0]).cpu().numpy(),
         torch.asin(v[..., 2].clamp(-1, 1)).cpu().numpy(),
@@ -678,9 +668,7 @@ def _plot_sphere(path: Path, P, model, x, y_ref) -> None:
         for i, ax in enumerate(axes.flat):
             f = P.objective(pts.unsqueeze(0), x[i : i + 1])[0].reshape(LA.shape).cpu()
             ax.contourf(LO.numpy(), LA.numpy(), f.numpy(), levels=30, cmap="viridis_r")
-            ax.scatter(
-                *to_ll(y_ref[i]), marker="*", s=150, c="w", edgecolors="k", label="reference y*"
-            )
+            ax.scatter(*to_ll(y_ref[i]), marker="*", s=150, c="w", edgecolors="k", label="reference y*")
             ax.scatter(*to_ll(y[i]), marker="o", s=50, c="r", label="model ŷ(x)")
             ax.set(xticks=[], yticks=[])
         axes.flat[0].legend(fontsize=7, loc="lower left")
