@@ -681,7 +681,7 @@ def _plot_sphere(path: Path, P, model, x, y_ref) -> None:
 @app.command("sphere")
 def sphere_cmd(
     out: Path = OutOpt,
-    steps: int = typer.Option(5000),
+    steps: int = typer.Option(20_000, help="Training steps."),
     batch_size: int = typer.Option(256),
     device: str = typer.Option("cpu"),
     seed: int = typer.Option(0),
