@@ -17,9 +17,7 @@ def _run(tmp_path, *args):
 
 
 def test_qp_proxy_cli(tmp_path):
-    r = _run(tmp_path, "qp-proxy", "--steps", "20", "--n-examples", "120", "--trace-size", "4")[
-        "qp_proxy"
-    ]
+    r = _run(tmp_path, "qp-proxy", "--steps", "20", "--n-examples", "120", "--trace-size", "4")["qp_proxy"]
     assert r["n_test"] == 9 and r["solver"]["max_abs_diff_vs_clarabel"] < 1e-6
     for name in (
         "regression",

@@ -86,9 +86,7 @@ def test_sphere_geometry_and_reference():
     y_ref = P.solve(x)
     torch.testing.assert_close(y_ref.norm(dim=-1), torch.ones(8, dtype=torch.float64))
     grid = fibonacci_sphere(20_000, dtype=torch.float64)
-    assert bool(
-        (P.objective(y_ref, x) <= P.objective(grid.expand(8, -1, -1), x).min(1).values + 1e-9).all()
-    )
+    assert bool((P.objective(y_ref, x) <= P.objective(grid.expand(8, -1, -1), x).min(1).values + 1e-9).all())
     yr = y_ref.clone().requires_grad_()
     (gr,) = torch.autograd.grad(P.objective(yr, x).sum(), yr)
     riem = gr - (gr * y_ref).sum(-1, keepdim=True) * y_ref
@@ -112,8 +110,7 @@ def test_vae_elbo_against_torch_distributions():
     logits = dec(z)
     xt = x_test[:5]
     loglik = (
-        xt * torch.nn.functional.logsigmoid(logits)
-        + (1 - xt) * torch.nn.functional.logsigmoid(-logits)
+        xt * torch.nn.functional.logsigmoid(logits) + (1 - xt) * torch.nn.functional.logsigmoid(-logits)
     ).sum(-1)
     with torch.no_grad():
         torch.testing.assert_close(P.elbo(y, xt, eps), loglik.mean(0) - D.kl_divergence(q, prior))

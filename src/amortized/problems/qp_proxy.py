@@ -67,9 +67,7 @@ class QPProxyProblem:
         return am.solve_qp(self.Q, self.p, self.G, self.h, self.A, x, eps=self.eps, **kw)
 
     # ---- data
-    def split(
-        self, valid_frac: float = 0.0833, test_frac: float = 0.0833
-    ) -> tuple[Tensor, Tensor, Tensor]:
+    def split(self, valid_frac: float = 0.0833, test_frac: float = 0.0833) -> tuple[Tensor, Tensor, Tensor]:
         """DC3's split of X in order: train, valid, test (the last int(N·test_frac))."""
         N = self.X.shape[0]
         n_test, n_valid = int(N * test_frac), int(N * valid_frac)
@@ -80,9 +78,7 @@ class QPProxyProblem:
         """Reference solutions with cvxpy + Clarabel at tight tolerances, one at a time."""
         import cvxpy as cp
 
-        Q, p, A, G, h = (
-            t.detach().cpu().double().numpy() for t in (self.Q, self.p, self.A, self.G, self.h)
-        )
+        Q, p, A, G, h = (t.detach().cpu().double().numpy() for t in (self.Q, self.p, self.A, self.G, self.h))
         out = []
         for b in x.detach().cpu().double().numpy():
             y = cp.Variable(Q.shape[0])
@@ -124,9 +120,7 @@ class DC3Correction:
     (see `amortize.refine`); the objective argument is ignored, as in DC3.
     """
 
-    def __init__(
-        self, problem: QPProxyProblem, completion, lr: float = 1e-7, momentum: float = 0.5
-    ):
+    def __init__(self, problem: QPProxyProblem, completion, lr: float = 1e-7, momentum: float = 0.5):
         self.problem, self.completion, self.lr, self.momentum = problem, completion, lr, momentum
 
     def __call__(
@@ -271,7 +265,5 @@ class ActiveSetWithFallback:
     def __call__(
         self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = False
     ) -> list[Tensor]:
-        y, self.last_fallback = solve_with_fallback(
-            self.problem, self.active_set, y0.detach(), x, steps
-        )
+        y, self.last_fallback = solve_with_fallback(self.problem, self.active_set, y0.detach(), x, steps)
         return [y0, y]

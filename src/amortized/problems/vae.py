@@ -22,9 +22,7 @@ from torch import Tensor, nn
 from amortized.amortize import MLP
 
 
-def load_digits_split(
-    n_test: int = 500, seed: int = 0, dtype=torch.float32
-) -> tuple[Tensor, Tensor]:
+def load_digits_split(n_test: int = 500, seed: int = 0, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """(train (1797 − n_test, 64), test (n_test, 64)) digits scaled to [0, 1], shuffled by seed."""
     from sklearn.datasets import load_digits
 
@@ -76,9 +74,7 @@ class VAEInference:
         mu, log_sigma = y.chunk(2, dim=-1)
         z = mu + log_sigma.exp() * eps  # (S, B, d)
         logits = self.decoder(z)
-        loglik = -F.binary_cross_entropy_with_logits(
-            logits, x.expand_as(logits), reduction="none"
-        ).sum(-1)
+        loglik = -F.binary_cross_entropy_with_logits(logits, x.expand_as(logits), reduction="none").sum(-1)
         return loglik.mean(0) - gaussian_kl(y)
 
     def objective(self, y: Tensor, x: Tensor) -> Tensor:
@@ -110,9 +106,7 @@ class VAEInference:
         with torch.no_grad():
             while done < n_samples:
                 s = min(chunk, n_samples - done)
-                eps = torch.randn(
-                    s, *y.shape[:-1], self.latent, generator=g, dtype=y.dtype, device=y.device
-                )
+                eps = torch.randn(s, *y.shape[:-1], self.latent, generator=g, dtype=y.dtype, device=y.device)
                 total += self.elbo(y, x, eps) * s
                 done += s
         return total / n_samples
