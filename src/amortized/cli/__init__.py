@@ -3,6 +3,7 @@
 import typer
 
 from amortized.cli import sudoku
+from amortized.cli import amortize
 from amortized.cli.demo import demo
 
 app = typer.Typer(
@@ -19,3 +20,4 @@ def main() -> None:
 
 app.command()(demo)
 app.add_typer(sudoku.app, name="sudoku")
+app.add_typer(amortize.app, name="amortize")

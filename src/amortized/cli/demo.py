@@ -9,6 +9,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from amortized.cli.amortize import amortize_step
 from amortized.cli.qp_demo import qp_step
 from amortized.cli.sudoku import sudoku_step
 
@@ -16,6 +17,7 @@ from amortized.cli.sudoku import sudoku_step
 STEPS = [
     ("Batched differentiable QP vs Clarabel and finite differences", qp_step),
     ("OptNet learns 4x4 Sudoku (short run)", sudoku_step),
+    ("Amortized optimization: QP proxy, VAE inference, sphere", amortize_step),
 ]
 
 

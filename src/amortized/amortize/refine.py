@@ -1,0 +1,88 @@
+"""Refinement: K differentiable solver steps from the model's prediction (semi-amortization).
+
+A refiner is any callable
+
+    refiner(objective, y0, x, steps, *, create_graph) -> [y0, y1, …, y_K]   each (B, n)
+
+where objective(y, x) -> (B,). With create_graph=True the steps are unrolled: the iterates
+stay differentiable w.r.t. y0 (hence the model's parameters) and the objective's own
+parameters. With create_graph=False the iterates are detached (test-time fine-tuning).
+A solver of `amortized.solvers` plugs in by wrapping it in this signature.
+
+Rows of the batch are independent problems, so ∇_y Σ_b f(y_b; x_b) gives every row's own
+gradient in one backward pass.
+"""
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+Objective = Callable[[Tensor, Tensor], Tensor]
+Refiner = Callable[..., list[Tensor]]
+
+
+def _grad(objective: Objective, y: Tensor, x: Tensor, create_graph: bool) -> Tensor:
+    with torch.enable_grad():
+        if not y.requires_grad:
+            y = y.detach().requires_grad_()
+        (g,) = torch.autograd.grad(objective(y, x).sum(), y, create_graph=create_graph)
+    return g
+
+
+class GradientRefiner:
+    """y_{k+1} = retract(y_k − lr ∇_y f(y_k; x)), K steps.
+
+    lr: a float or a tensor broadcastable to y (per-coordinate step sizes).
+    retract: optional map back onto the domain after each step, e.g. normalization onto the
+    sphere (then the step uses the Riemannian gradient (I − y yᵀ)∇f when `riemannian`).
+    """
+
+    def __init__(
+        self,
+        lr: float | Tensor,
+        retract: Callable[[Tensor], Tensor] | None = None,
+        riemannian: bool = False,
+    ):
+        self.lr, self.retract, self.riemannian = lr, retract, riemannian
+
+    def __call__(
+        self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
+        ys = [y0 if create_graph else y0.detach()]
+        y = ys[0]
+        for _ in range(steps):
+            g = _grad(objective, y, x, create_graph)
+            if self.riemannian:
+                g = g - (g * y).sum(-1, keepdim=True) * y
+            y = y - self.lr * g
+            if self.retract is not None:
+                y = self.retract(y)
+            ys.append(y if create_graph else y.detach())
+        return ys
+
+
+class AdamRefiner:
+    """K steps of Adam (Kingma & Ba) on f(·; x), written with tensor ops so it unrolls.
+
+    lr, betas, eps as in torch.optim.Adam; the state starts fresh at y0 every call.
+    """
+
+    def __init__(self, lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
+        self.lr, self.betas, self.eps = lr, betas, eps
+
+    def __call__(
+        self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
+        b1, b2 = self.betas
+        ys = [y0 if create_graph else y0.detach()]
+        y = ys[0]
+        m = torch.zeros_like(y)
+        v = torch.zeros_like(y)
+        for k in range(1, steps + 1):
+            g = _grad(objective, y, x, create_graph)
+            m = b1 * m + (1 - b1) * g
+            v = b2 * v + (1 - b2) * g * g
+            y = y - self.lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
+            ys.append(y if create_graph else y.detach())
+        return ys

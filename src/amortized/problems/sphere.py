@@ -1,0 +1,85 @@
+"""The tutorial's sphere problem (ch. 4): minimize a soft-min of c-convex components on S².
+
+Context x ∈ R^16 holds m = 4 points z_i ∈ S² (uniform) and offsets α_i = 0.7·U[0, 1]; the
+objective on the unit sphere is
+
+    f(y; x) = −γ log Σ_i exp(−(½ d(y, z_i)² + α_i)/γ),   γ = 0.5,
+
+with d the geodesic distance d(u, v) = 2 atan2(‖u − v‖, ‖u + v‖) (stable at 0 and π).
+f is non-convex on S²; the reference solver takes the best point of a dense Fibonacci grid
+and refines it by Riemannian gradient descent (projected gradient, then renormalization).
+"""
+
+import math
+
+import torch
+from torch import Tensor
+
+from amortized.amortize import GradientRefiner, SphereProjection
+
+
+def geodesic(u: Tensor, v: Tensor) -> Tensor:
+    """Great-circle distance between unit vectors u, v (..., 3), broadcast; finite gradients."""
+    tiny = torch.finfo(u.dtype).tiny ** 0.5
+    a = ((u - v).square().sum(-1) + tiny).sqrt()
+    b = ((u + v).square().sum(-1) + tiny).sqrt()
+    return 2 * torch.atan2(a, b)
+
+
+def fibonacci_sphere(n: int, dtype=torch.float64, device=None) -> Tensor:
+    """(n, 3) nearly uniform points on S² (golden-angle spiral)."""
+    i = torch.arange(n, dtype=dtype, device=device) + 0.5
+    z = 1 - 2 * i / n
+    r = (1 - z * z).clamp_min(0).sqrt()
+    phi = math.pi * (3 - math.sqrt(5)) * i
+    return torch.stack([r * phi.cos(), r * phi.sin(), z], -1)
+
+
+class SphereProblem:
+    """f(y; x) on S² for contexts x (B, 16) = (z (B, 4·3) flattened, α (B, 4)); y (B, 3)."""
+
+    def __init__(
+        self,
+        m: int = 4,
+        gamma: float = 0.5,
+        alpha_scale: float = 0.7,
+        dtype=torch.float64,
+        grid: int = 4000,
+        refine_steps: int = 200,
+        refine_lr: float = 0.2,
+    ):
+        self.m, self.gamma, self.alpha_scale, self.dtype = m, gamma, alpha_scale, dtype
+        self.context_dim, self.solution_dim = 4 * m, 3
+        self.grid, self.refine_steps, self.refine_lr = grid, refine_steps, refine_lr
+
+    def unpack(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        return x[..., : 3 * self.m].unflatten(-1, (self.m, 3)), x[..., 3 * self.m :]
+
+    def objective(self, y: Tensor, x: Tensor) -> Tensor:
+        """(B,) soft-min; y (B, 3) on the sphere (or (B, G, 3) for G points per context)."""
+        z, alpha = self.unpack(x)
+        if y.dim() == 3:
+            z, alpha = z.unsqueeze(1), alpha.unsqueeze(1)
+        c = 0.5 * geodesic(y.unsqueeze(-2), z).square() + alpha
+        return -self.gamma * torch.logsumexp(-c / self.gamma, dim=-1)
+
+    def sample(self, n: int, generator: torch.Generator | None = None) -> Tensor:
+        z = torch.randn(n, self.m, 3, generator=generator, dtype=self.dtype)
+        z = z / z.norm(dim=-1, keepdim=True)
+        alpha = self.alpha_scale * torch.rand(n, self.m, generator=generator, dtype=self.dtype)
+        return torch.cat([z.flatten(1), alpha], -1)
+
+    def solve(self, x: Tensor) -> Tensor:
+        """Reference optimum: best of a Fibonacci grid, then Riemannian gradient descent."""
+        pts = fibonacci_sphere(self.grid, dtype=x.dtype, device=x.device)
+        best = []
+        with torch.no_grad():
+            for xc in x.split(256):  # bounds memory at B·grid·m distances
+                f = self.objective(pts.expand(xc.shape[0], -1, -1), xc)
+                best.append(pts[f.argmin(1)])
+        y0 = torch.cat(best)
+        ref = GradientRefiner(self.refine_lr, retract=SphereProjection(), riemannian=True)
+        return ref(self.objective, y0, x, self.refine_steps, create_graph=False)[-1]
+
+    def distance(self, y: Tensor, y_ref: Tensor) -> Tensor:
+        return geodesic(y, y_ref)

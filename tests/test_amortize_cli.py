@@ -1,0 +1,63 @@
+"""Fast CI versions of `amortized amortize {qp-proxy,vae,sphere}` (toy budgets)."""
+
+import json
+import math
+
+from typer.testing import CliRunner
+
+from amortized.cli import app
+
+runner = CliRunner()
+
+
+def _run(tmp_path, *args):
+    res = runner.invoke(app, ["amortize", *args, "--out", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    return json.loads((tmp_path / "results.json").read_text())
+
+
+def test_qp_proxy_cli(tmp_path):
+    r = _run(tmp_path, "qp-proxy", "--steps", "20", "--n-examples", "120", "--trace-size", "4")["qp_proxy"]
+    assert r["n_test"] == 9 and r["solver"]["max_abs_diff_vs_clarabel"] < 1e-6
+    for name in (
+        "regression",
+        "objective_penalty",
+        "dc3",
+        "ours_active_set",
+        "active_set_cold_start",
+    ):
+        m = r["methods"][name]
+        for k in (
+            "objective_gap_rel",
+            "max_ineq_violation",
+            "max_eq_violation",
+            "time_per_instance_s",
+        ):
+            assert math.isfinite(m[k])
+    assert r["methods"]["dc3"]["max_eq_violation"] < 1e-8  # completion makes equalities exact
+    ours = r["methods"]["ours_active_set"]
+    assert max(ours["max_eq_violation"], ours["max_ineq_violation"]) <= 1e-6
+    assert abs(ours["objective_gap_rel"]) <= 1e-6  # KKT-checked or solved exactly
+    assert r["solver"]["time_per_instance_s"] > 0 and len(r["solver_trace"]) == 8
+    assert (tmp_path / "qp_proxy_time_vs_gap.png").stat().st_size > 0
+
+
+def test_vae_cli(tmp_path):
+    args = ["--steps", "20", "--adam-iters", "30", "--optimum-iters", "10", "--refine-steps", "2"]
+    r = _run(tmp_path, "vae", *args, "--elbo-samples", "20")["vae"]
+    for k in ("encoder_elbo", "adam_elbo_final", "optimum_elbo", "speedup_full_run"):
+        assert math.isfinite(r[k])
+    assert r["adam_time_s"] > r["encoder_time_s"] > 0
+    assert r["speedup_full_run"] == r["adam_time_s"] / r["encoder_time_s"]
+    assert r["speedup_time_to_match"] is None or r["speedup_time_to_match"] <= r["speedup_full_run"]
+    assert r["semi_amortized_gap_closed"]["K"] == 2 and "fraction" in r["semi_amortized_gap_closed"]
+    assert r["n_test"] == 500 and r["n_train"] == 1297
+    assert (tmp_path / "vae_elbo_vs_time.png").exists() and (tmp_path / "vae_samples.png").exists()
+
+
+def test_sphere_cli(tmp_path):
+    r = _run(tmp_path, "sphere", "--steps", "30", "--n-test", "40")["sphere"]
+    assert 0 <= r["median_geodesic_error_rad"] <= math.pi
+    assert r["objective_gap"] >= -1e-9  # the reference optimum is never beaten by the model
+    assert r["fine_tuned"]["objective_gap"] <= r["objective_gap"] + 1e-12  # descent steps help
+    assert (tmp_path / "sphere_predictions.png").exists()
