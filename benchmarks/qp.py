@@ -84,7 +84,7 @@ def make_tool(name: str, n: int, m: int, q: int, dtype: torch.dtype):
         args = {
             "cvxpylayers-scs": {},
             "cvxpylayers-clarabel": {"solve_method": "Clarabel"},
-            "cvxpylayers-dense": {"solve_method": "Clarabel", "mode": "dense"},
+            "cvxpylayers-dense": {"mode": "dense"},
         }[name]
 
         def run(Q, p, G_, h_, A_, b_):
