@@ -14,3 +14,7 @@ def main() -> None:
 
 
 app.command()(demo)
+
+from amortized.cli import deq as _deq  # noqa: E402
+
+app.add_typer(_deq.app, name="deq")

@@ -9,11 +9,13 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from amortized.cli.deq import deq_step
 from amortized.cli.qp_demo import qp_step
 
 # Each step: (title, function(out_dir, progress) -> list of result rows (dicts)).
 STEPS = [
     ("Batched differentiable QP vs Clarabel and finite differences", qp_step),
+    ("Deep equilibrium classifier on digits (Anderson + implicit backward)", deq_step),
 ]
 
 

@@ -8,7 +8,8 @@ others continue, and the loop stops once all rows are done (checked every few it
 so there is one host sync per check rather than per step).
 
     cg        conjugate gradients (A symmetric positive definite: the Hessian of argmin)
-    gmres     restarted GMRES, modified Gram-Schmidt Arnoldi (any non-singular A)
+    gmres     restarted GMRES, modified Gram-Schmidt Arnoldi, Givens rotations (any
+              non-singular A)
     bicgstab  BiCGStab (any non-singular A; short recurrences, 2 matvecs an iteration)
     neumann   x ← r + (I − A) x, the Neumann series (converges when ‖I − A‖ < 1, e.g. the
               fixed point Jacobian I − ∂T of a contraction)
@@ -150,50 +151,70 @@ def gmres(
 ) -> tuple[Tensor, Tensor]:
     """Restarted GMRES(m) (Saad & Schultz 1986), batched; r, x0: (B, N).
 
-    Each cycle builds an m-dimensional Krylov basis per problem by modified Gram-Schmidt and
-    solves the small (m+1)×m Hessenberg least-squares problem with a batched lstsq.
-    max_iter counts matvecs (default 2N + 10, rounded up to whole cycles).
+    Each cycle builds up to m Krylov vectors per problem by modified Gram-Schmidt and keeps
+    the Hessenberg matrix triangular with Givens rotations, which give every problem's
+    residual norm after each step for free; a problem's coefficients are cut at the step
+    where it converged, so one short back substitution per cycle serves the whole batch.
+    max_iter counts matvecs (default 2N + 10).
     """
     B, N = r.shape
     m = max(1, min(restart, N))
     max_iter = 2 * N + 10 if max_iter is None else max_iter
-    thresh = _threshold(r, rtol)
+    thresh = _threshold(r, rtol).sqrt()
     x = torch.zeros_like(r) if x0 is None else x0.clone()
     tiny = torch.finfo(r.dtype).tiny
     used = 0
     while True:
         res = r - matvec(x)
         beta = res.norm(dim=-1)
-        active = beta.square() > thresh
+        active = (beta > thresh) & torch.isfinite(beta)
         if used >= max_iter or not any_true(active):
             break
         V = [res / beta.clamp_min(tiny).unsqueeze(-1)]
-        H = r.new_zeros(B, m + 1, m)
+        R = r.new_zeros(B, m, m)
+        g = r.new_zeros(B, m + 1)
+        g[:, 0] = beta
+        cs, sn = [], []
+        steps = torch.zeros(B, dtype=torch.long, device=r.device)  # Krylov steps each row keeps
+        running = active.clone()
         for j in range(m):
             w = matvec(V[j])
+            h = []
             for i in range(j + 1):
-                h = _dot(w, V[i])
-                H[:, i, j] = h
-                w = w - h.unsqueeze(-1) * V[i]
+                hij = _dot(w, V[i])
+                h.append(hij)
+                w = w - hij.unsqueeze(-1) * V[i]
             hn = w.norm(dim=-1)
-            H[:, j + 1, j] = hn
-            # A zero hn means the Krylov space is invariant: the exact solution is already in
-            # span(V); the zero vector appended keeps the least-squares problem well defined.
             V.append(torch.where(hn.unsqueeze(-1) > tiny, w / hn.clamp_min(tiny).unsqueeze(-1), 0.0))
-        used += m
-        e1 = r.new_zeros(B, m + 1, 1)
-        e1[:, 0, 0] = beta
-        coef = _lstsq(H, e1).squeeze(-1)  # (B, m)
-        dx = torch.einsum("bj,jbn->bn", coef, torch.stack(V[:m]))
+            for i in range(j):  # previous rotations
+                h[i], h[i + 1] = cs[i] * h[i] + sn[i] * h[i + 1], -sn[i] * h[i] + cs[i] * h[i + 1]
+            den = torch.hypot(h[j], hn)
+            ok = den > tiny
+            c = torch.where(ok, h[j] / torch.where(ok, den, 1.0), 1.0)
+            s_ = torch.where(ok, hn / torch.where(ok, den, 1.0), 0.0)
+            cs.append(c)
+            sn.append(s_)
+            h[j] = den
+            R[:, : j + 1, j] = torch.stack(h, -1)
+            g[:, j + 1] = -s_ * g[:, j]
+            g[:, j] = c * g[:, j]
+            # A row keeps step j if it was still running and the step is well defined.
+            keep = running & ok
+            steps = steps + keep.long()
+            running = keep & (g[:, j + 1].abs() > thresh)
+            if not any_true(running):
+                break
+        used += j + 1
+        k = j + 1
+        idx = torch.arange(k, device=r.device)
+        kept = idx.unsqueeze(0) < steps.unsqueeze(-1)  # (B, k)
+        eye = torch.eye(k, dtype=r.dtype, device=r.device)
+        Rk = torch.where(kept.unsqueeze(-1) & kept.unsqueeze(-2), R[:, :k, :k], eye)
+        gk = torch.where(kept, g[:, :k], 0.0)
+        coef = torch.linalg.solve_triangular(Rk, gk.unsqueeze(-1), upper=True).squeeze(-1)
+        dx = torch.einsum("bj,jbn->bn", coef, torch.stack(V[:k]))
         x = torch.where(active.unsqueeze(-1), x + dx, x)
     return x, ~active & torch.isfinite(x).all(-1)
-
-
-def _lstsq(H: Tensor, rhs: Tensor) -> Tensor:
-    """min ‖H c − rhs‖ for small H (B, m+1, m); rank-deficient H is allowed (QR with column
-    pivoting on CPU)."""
-    driver = "gelsy" if H.device.type == "cpu" else None
-    return torch.linalg.lstsq(H, rhs, driver=driver).solution
 
 
 def neumann(

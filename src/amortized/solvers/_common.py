@@ -98,10 +98,12 @@ def gradient_fn(f: Callable[..., Tensor]) -> Callable[..., Tensor]:
 
 
 def hessian(f: Callable[..., Tensor], params: tuple, y: Tensor) -> Tensor:
-    """Per-problem Hessians (B, n, n) of f(y, *params) by forward-over-reverse products with
-    the n unit vectors, vmapped (one (B·n)×(B·n) Hessian is never formed)."""
+    """Per-problem Hessians (B, n, n) of f(y, *params) from reverse-over-reverse products
+    with the n unit vectors, vmapped over one linearization of ∇f (the Hessian is symmetric,
+    so vjp gives Hu; one (B·n)×(B·n) Hessian is never formed)."""
     grad = lambda z: value_and_grad(f, params)(z)[1]
-    return materialize(lambda u: torch.func.jvp(grad, (y,), (u,))[1], y)
+    _, vjp_fn = torch.func.vjp(grad, y)
+    return materialize(lambda u: vjp_fn(u)[0], y)
 
 
 def armijo(
@@ -116,13 +118,17 @@ def armijo(
     max_halvings: int = 40,
 ) -> tuple[Tensor, Tensor]:
     """Backtracking line search per problem: the largest t = 2^-k with
-    f(y + t d) ≤ f(y) + c t ∇f(y)ᵀd. Returns t (B,) and ok (B,) (False where none found)."""
+    f(y + t d) ≤ f(y) + c t ∇f(y)ᵀd + 8 eps |f(y)|. The last term accepts steps whose change
+    of f is below f's rounding error: near a minimizer the decrease g²/L falls under eps |f|
+    long before the gradient reaches the tolerance, and the gradient still guides the step.
+    Returns t (B,) and ok (B,) (False where no step was found)."""
     t = torch.ones_like(fy)
     slope = (g * d).sum(-1)
+    slack = 8 * torch.finfo(fy.dtype).eps * fy.abs()
     ok = ~active
     for _ in range(max_halvings):
         f_new = fval(y + t.unsqueeze(-1) * d)
-        good = (f_new <= fy + c * t * slope) & torch.isfinite(f_new)
+        good = (f_new <= fy + c * t * slope + slack) & torch.isfinite(f_new)
         t = torch.where(ok | good, t, 0.5 * t)
         ok = ok | good
         if not any_true(~ok):

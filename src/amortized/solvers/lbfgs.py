@@ -71,8 +71,9 @@ def lbfgs(
         sy = (sk * yk).sum(-1)
         valid = a.squeeze(-1) & (sy > torch.finfo(y.dtype).eps * (sk.norm(dim=-1) * yk.norm(dim=-1)))
         S, Y, V = (s["S"] + [sk])[-history:], (s["Y"] + [yk])[-history:], (s["V"] + [valid])[-history:]
+        stalled = s["active"] & ~(y != s["y"]).any(-1)  # the step vanished in rounding
         return {**s, "y": y, "f": v, "g": g, "res": _inf_norm(g), "S": S, "Y": Y, "V": V,
-                "failed": s["active"] & ~ok}
+                "failed": s["active"] & (~ok | stalled)}
 
     return drive("min", f, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
                  grad=grad, truncate=truncate, solve=solve, callback=callback)
