@@ -22,7 +22,9 @@ def ridge_data(B=4, m=12, n=5, seed=0, dtype=F64):
 
 def ridge_f(w, X, t, lam):
     """½‖Xw − t‖² + ½λ‖w‖², per problem."""
-    return 0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(-1) + 0.5 * lam * w.square().sum(-1)
+    return 0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(
+        -1
+    ) + 0.5 * lam * w.square().sum(-1)
 
 
 def ridge_closed_form(X, t, lam):
@@ -52,8 +54,17 @@ def test_ridge_hypergradient_three_ways_and_closed_form():
 
     lam_u = lam.clone().requires_grad_()
     L = torch.linalg.matrix_norm(X, ord=2).amax() ** 2 + 2
-    sol_u = gradient_descent(ridge_f, torch.zeros(4, 5, dtype=F64), X, t, lam_u, lr=float(1 / L),
-                             max_iter=4000, tol=1e-13, grad="unroll")
+    sol_u = gradient_descent(
+        ridge_f,
+        torch.zeros(4, 5, dtype=F64),
+        X,
+        t,
+        lam_u,
+        lr=float(1 / L),
+        max_iter=4000,
+        tol=1e-13,
+        grad="unroll",
+    )
     (g_unroll,) = torch.autograd.grad(outer(sol_u.y), lam_u)
 
     d = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=F64)
@@ -114,17 +125,29 @@ def test_contractive_fixed_point_three_ways(solve):
     outer = lambda y: (y * torch.linspace(-1, 1, n, dtype=F64)).sum()
 
     Wi, xi = W.clone().requires_grad_(), x.clone().requires_grad_()
-    sol = am.fixed_point(T, torch.zeros(B, n, dtype=F64), Wi, xi, solve=solve, tol=1e-14, max_iter=200)
+    sol = am.fixed_point(
+        T, torch.zeros(B, n, dtype=F64), Wi, xi, solve=solve, tol=1e-14, max_iter=200
+    )
     assert sol.solved.all()
     gW, gx = torch.autograd.grad(outer(sol.y), (Wi, xi))
 
     Wu, xu = W.clone().requires_grad_(), x.clone().requires_grad_()
-    sol_u = am.fixed_point(T, torch.zeros(B, n, dtype=F64), Wu, xu, solver="iteration",
-                           grad="unroll", tol=1e-15, max_iter=200)
+    sol_u = am.fixed_point(
+        T,
+        torch.zeros(B, n, dtype=F64),
+        Wu,
+        xu,
+        solver="iteration",
+        grad="unroll",
+        tol=1e-15,
+        max_iter=200,
+    )
     gWu, gxu = torch.autograd.grad(outer(sol_u.y), (Wu, xu))
 
     dW = torch.randn(n, n, generator=g, dtype=F64)
-    solve_fp = lambda W_: am.fixed_point(T, torch.zeros(B, n, dtype=F64), W_, x, tol=1e-15, max_iter=300).y
+    solve_fp = lambda W_: (
+        am.fixed_point(T, torch.zeros(B, n, dtype=F64), W_, x, tol=1e-15, max_iter=300).y
+    )
     fd = central_fd(lambda W_: outer(solve_fp(W_)), W, dW)
     torch.testing.assert_close(gW, gWu, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(gx, gxu, rtol=1e-8, atol=1e-10)
@@ -140,7 +163,9 @@ def _np_ridge_solver(init, X, t, lam):
 
 
 def _ridge_grad(w, X, t, lam):
-    return (X.mT @ ((X @ w.unsqueeze(-1)).squeeze(-1) - t).unsqueeze(-1)).squeeze(-1) + lam.unsqueeze(-1) * w
+    return (X.mT @ ((X @ w.unsqueeze(-1)).squeeze(-1) - t).unsqueeze(-1)).squeeze(
+        -1
+    ) + lam.unsqueeze(-1) * w
 
 
 @pytest.mark.parametrize("solve", ["cg", "gmres", "bicgstab", "direct"])
@@ -153,7 +178,7 @@ def test_non_differentiable_forward_gets_exact_gradients(solve):
     grads = torch.autograd.grad((w * c).sum(), args)
     ref_args = [a.clone().requires_grad_() for a in (X, t, lam)]
     ref = torch.autograd.grad((ridge_closed_form(*ref_args)[0] * c).sum(), ref_args)
-    for a, b in zip(grads, ref):
+    for a, b in zip(grads, ref, strict=False):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
 
 
@@ -190,9 +215,13 @@ def test_torch_func_grad_vmap_jacrev_through_decorated_solver():
 
     torch.testing.assert_close(torch.func.grad(loss)(lam), torch.func.grad(ref_loss)(lam))
     lams = lam + torch.rand(3, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
-    torch.testing.assert_close(torch.func.vmap(loss)(lams), torch.stack([ref_loss(l) for l in lams]))
-    torch.testing.assert_close(torch.func.vmap(torch.func.grad(loss))(lams),
-                               torch.stack([torch.func.grad(ref_loss)(l) for l in lams]))
+    torch.testing.assert_close(
+        torch.func.vmap(loss)(lams), torch.stack([ref_loss(l) for l in lams])
+    )
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(loss))(lams),
+        torch.stack([torch.func.grad(ref_loss)(l) for l in lams]),
+    )
     jac = torch.func.jacrev(lambda l: solver(None, X, t, l))(lam)
     jac_ref = torch.func.jacrev(lambda l: ridge_closed_form(X, t, l)[0])(lam)
     torch.testing.assert_close(jac, jac_ref)
@@ -200,9 +229,13 @@ def test_torch_func_grad_vmap_jacrev_through_decorated_solver():
 
 def test_torch_func_grad_through_argmin():
     X, t, lam = ridge_data(seed=10)
-    loss = lambda l: am.argmin(ridge_f, torch.zeros(4, 5, dtype=F64), X, t, l, solver="newton").y.sum()
+    loss = lambda l: am.argmin(
+        ridge_f, torch.zeros(4, 5, dtype=F64), X, t, l, solver="newton"
+    ).y.sum()
     ref = lambda l: ridge_closed_form(X, t, l)[0].sum()
-    torch.testing.assert_close(torch.func.grad(loss)(lam), torch.func.grad(ref)(lam), rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(
+        torch.func.grad(loss)(lam), torch.func.grad(ref)(lam), rtol=1e-8, atol=1e-10
+    )
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -273,7 +306,11 @@ def test_batched_linear_solvers_match_dense_solve(name):
     g = torch.Generator().manual_seed(14)
     B, N = 6, 40
     M = torch.randn(B, N, N, generator=g, dtype=F64)
-    A = M @ M.mT / N + torch.eye(N, dtype=F64) if name == "cg" else torch.eye(N, dtype=F64) * 3 + M / N**0.5
+    A = (
+        M @ M.mT / N + torch.eye(N, dtype=F64)
+        if name == "cg"
+        else torch.eye(N, dtype=F64) * 3 + M / N**0.5
+    )
     r = torch.randn(B, N, generator=g, dtype=F64)
     kwargs = {"symmetric": False} if name == "direct" else {}
     x, ok = linear_solve.SOLVERS[name](lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r, **kwargs)
@@ -291,7 +328,9 @@ def test_neumann_matches_dense_solve_for_contraction():
     r = torch.randn(B, N, generator=g, dtype=F64)
     x, ok = linear_solve.neumann(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r)
     assert ok.all()
-    torch.testing.assert_close(x, torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1), rtol=1e-8, atol=1e-9)
+    torch.testing.assert_close(
+        x, torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1), rtol=1e-8, atol=1e-9
+    )
 
 
 def test_cg_reports_indefinite_matrix_as_not_converged():

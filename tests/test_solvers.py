@@ -22,25 +22,42 @@ def logistic_problem(B=6, m=40, n=5, seed=0, dtype=F64):
 
 def logistic_f(w, X, t, lam):
     z = (X @ w.unsqueeze(-1)).squeeze(-1)
-    return torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none").sum(-1) + 0.5 * lam * w.square().sum(-1)
+    return torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none").sum(
+        -1
+    ) + 0.5 * lam * w.square().sum(-1)
 
 
 def scipy_reference(X, t, lam):
     out = []
-    for Xb, tb, lb in zip(X.double().numpy(), t.double().numpy(), lam.double().numpy()):
-        def fun(w):
+    data = zip(X.double().numpy(), t.double().numpy(), lam.double().numpy(), strict=True)
+    for Xb, tb, lb in data:
+
+        def fun(w, Xb=Xb, tb=tb, lb=lb):
             z = Xb @ w
-            return np.logaddexp(0, z).sum() - tb @ z + 0.5 * lb * w @ w, Xb.T @ (1 / (1 + np.exp(-z)) - tb) + lb * w
-        r = scipy.optimize.minimize(fun, np.zeros(Xb.shape[1]), jac=True, method="L-BFGS-B",
-                                    options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000})
+            return np.logaddexp(0, z).sum() - tb @ z + 0.5 * lb * w @ w, Xb.T @ (
+                1 / (1 + np.exp(-z)) - tb
+            ) + lb * w
+
+        r = scipy.optimize.minimize(
+            fun,
+            np.zeros(Xb.shape[1]),
+            jac=True,
+            method="L-BFGS-B",
+            options={"gtol": 1e-12, "ftol": 1e-15, "maxiter": 10000},
+        )
         out.append(r.x)
     return torch.tensor(np.stack(out))
 
 
-@pytest.mark.parametrize("name,opts,tol", [
-    ("lbfgs", {}, 1e-7), ("newton", {}, 1e-7), ("gd", {"lr": 0.02, "max_iter": 5000}, 1e-7),
-    ("adam", {"lr": 0.01, "max_iter": 5000, "tol": 1e-6}, 1e-5),
-])
+@pytest.mark.parametrize(
+    "name,opts,tol",
+    [
+        ("lbfgs", {}, 1e-7),
+        ("newton", {}, 1e-7),
+        ("gd", {"lr": 0.02, "max_iter": 5000}, 1e-7),
+        ("adam", {"lr": 0.01, "max_iter": 5000, "tol": 1e-6}, 1e-5),
+    ],
+)
 def test_minimizers_match_scipy(name, opts, tol):
     X, t, lam = logistic_problem()
     sol = am.argmin(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam, solver=name, **opts)
@@ -67,14 +84,18 @@ def test_per_problem_masks_and_numerical_status():
     assert sol.status[2] == am.SolverStatus.NUMERICAL
     good = [0, 1, 3, 4, 5]
     assert (sol.status[good] == am.SolverStatus.SOLVED).all()
-    alone = am.argmin(logistic_f, torch.zeros(5, 5, dtype=F64), X[good], t[good], lam[good], solver="newton")
+    alone = am.argmin(
+        logistic_f, torch.zeros(5, 5, dtype=F64), X[good], t[good], lam[good], solver="newton"
+    )
     torch.testing.assert_close(sol.y[good], alone.y)
     torch.testing.assert_close(sol.iters[good], alone.iters)
 
 
 def test_max_iter_status_and_message():
     X, t, lam = logistic_problem()
-    sol = solvers.gradient_descent(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam, lr=1e-3, max_iter=3)
+    sol = solvers.gradient_descent(
+        logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam, lr=1e-3, max_iter=3
+    )
     assert (sol.status == am.SolverStatus.MAX_ITER).all() and (sol.iters == 3).all()
     assert "max_iter" in am.SolverStatus.MAX_ITER.message
 
@@ -136,7 +157,9 @@ def test_truncated_mode_differs_from_implicit_and_approaches_it():
     errs = []
     for K in (1, 5, 20):
         ck = c.clone().requires_grad_()
-        y = am.fixed_point(T, torch.zeros_like(c), M, ck, solver="iteration", grad="truncated", truncate=K).y
+        y = am.fixed_point(
+            T, torch.zeros_like(c), M, ck, solver="iteration", grad="truncated", truncate=K
+        ).y
         (g,) = torch.autograd.grad(y.sum(), ck)
         errs.append(float((g - g_imp).abs().max()))
     assert errs[0] > errs[1] > errs[2]
@@ -146,8 +169,17 @@ def test_truncated_mode_differs_from_implicit_and_approaches_it():
 def test_unroll_tracks_every_iteration():
     X, t, lam = logistic_problem()
     lam_u = lam.clone().requires_grad_()
-    sol = solvers.gradient_descent(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam_u, lr=0.02,
-                                   max_iter=5, tol=0.0, grad="unroll")
+    sol = solvers.gradient_descent(
+        logistic_f,
+        torch.zeros(6, 5, dtype=F64),
+        X,
+        t,
+        lam_u,
+        lr=0.02,
+        max_iter=5,
+        tol=0.0,
+        grad="unroll",
+    )
     # Five explicit steps: compare with a hand-written unrolled loop.
     lam_r = lam.clone().requires_grad_()
     w = torch.zeros(6, 5, dtype=F64, requires_grad=True)
@@ -155,7 +187,9 @@ def test_unroll_tracks_every_iteration():
         (gw,) = torch.autograd.grad(logistic_f(w, X, t, lam_r).sum(), w, create_graph=True)
         w = w - 0.02 * gw
     torch.testing.assert_close(sol.y, w)
-    torch.testing.assert_close(torch.autograd.grad(sol.y.sum(), lam_u)[0], torch.autograd.grad(w.sum(), lam_r)[0])
+    torch.testing.assert_close(
+        torch.autograd.grad(sol.y.sum(), lam_u)[0], torch.autograd.grad(w.sum(), lam_r)[0]
+    )
 
 
 def test_solver_bad_options():
@@ -174,7 +208,13 @@ def test_solver_bad_options():
 def test_callback_sees_every_iteration():
     X, t, lam = logistic_problem()
     seen = []
-    sol = solvers.newton(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam,
-                         callback=lambda k, y, res: seen.append((k, float(res.max()))))
+    sol = solvers.newton(
+        logistic_f,
+        torch.zeros(6, 5, dtype=F64),
+        X,
+        t,
+        lam,
+        callback=lambda k, y, res: seen.append((k, float(res.max()))),
+    )
     assert [k for k, _ in seen] == list(range(len(seen))) and len(seen) == sol.history.shape[0]
     assert seen[-1][1] == float(sol.residual.max())

@@ -28,14 +28,29 @@ class DEQ(nn.Module):
     residual history (iters, B) of the solve), detached.
     """
 
-    def __init__(self, f: nn.Module, d: int, *, solver: str = "anderson", grad: str = "implicit",
-                 backward_solve: str = "gmres", truncate: int = 1, max_iter: int = 50,
-                 tol: float | None = None, **solver_options) -> None:
+    def __init__(
+        self,
+        f: nn.Module,
+        d: int,
+        *,
+        solver: str = "anderson",
+        grad: str = "implicit",
+        backward_solve: str = "gmres",
+        truncate: int = 1,
+        max_iter: int = 50,
+        tol: float | None = None,
+        **solver_options,
+    ) -> None:
         super().__init__()
         if d < 1:
             raise ValueError("d must be a positive state size")
         self.f, self.d = f, d
-        self.solver, self.grad, self.backward_solve, self.truncate = solver, grad, backward_solve, truncate
+        self.solver, self.grad, self.backward_solve, self.truncate = (
+            solver,
+            grad,
+            backward_solve,
+            truncate,
+        )
         self.max_iter, self.tol, self.solver_options = max_iter, tol, solver_options
         self.last_solution: SolverSolution | None = None
 
@@ -44,15 +59,26 @@ class DEQ(nn.Module):
         values = tuple(p for _, p in self.f.named_parameters())
 
         def T(z, x_, *ps):
-            return torch.func.functional_call(self.f, dict(zip(names, ps)), (z, x_))
+            return torch.func.functional_call(self.f, dict(zip(names, ps, strict=False)), (z, x_))
 
         if z0 is None:
             z0 = x.new_zeros(x.shape[0], self.d)
-        sol = fixed_point(T, z0, x, *values, solver=self.solver, grad=self.grad, truncate=self.truncate,
-                          solve=self.backward_solve, max_iter=self.max_iter, tol=self.tol,
-                          **self.solver_options)
-        self.last_solution = SolverSolution(sol.y.detach(), sol.status, sol.iters, sol.residual,
-                                            sol.value, sol.history)
+        sol = fixed_point(
+            T,
+            z0,
+            x,
+            *values,
+            solver=self.solver,
+            grad=self.grad,
+            truncate=self.truncate,
+            solve=self.backward_solve,
+            max_iter=self.max_iter,
+            tol=self.tol,
+            **self.solver_options,
+        )
+        self.last_solution = SolverSolution(
+            sol.y.detach(), sol.status, sol.iters, sol.residual, sol.value, sol.history
+        )
         return sol.y
 
     def extra_repr(self) -> str:

@@ -10,6 +10,7 @@ import json
 import os
 import time
 from pathlib import Path
+from typing import Annotated
 
 import torch
 import typer
@@ -60,8 +61,14 @@ def load_digits_split(seed: int, dtype=torch.float32):
     return X[tr], y[tr], X[te], y[te]
 
 
-def train_deq(epochs: int, hidden: int, seed: int, batch: int = 128, lr: float = 5e-3,
-              progress: Progress | None = None) -> tuple[DigitsDEQ, dict]:
+def train_deq(
+    epochs: int,
+    hidden: int,
+    seed: int,
+    batch: int = 128,
+    lr: float = 5e-3,
+    progress: Progress | None = None,
+) -> tuple[DigitsDEQ, dict]:
     """Train the digits DEQ; returns the model and a results dict (accuracies, iterations,
     residual histories of the first and last epoch's test pass, timings)."""
     torch.manual_seed(seed)
@@ -82,21 +89,36 @@ def train_deq(epochs: int, hidden: int, seed: int, batch: int = 128, lr: float =
             opt.zero_grad()
             loss.backward()
             opt.step()
-            total += float(loss) * len(idx)
+            total += float(loss.detach()) * len(idx)
             iters.append(float(model.deq.last_solution.iters.float().mean()))
         acc, sol = evaluate(model, Xte, yte)
         if epoch == 0 or epoch == epochs - 1:
             histories[f"epoch {epoch + 1}"] = sol.history.median(dim=1).values.tolist()
-        log.append({"epoch": epoch + 1, "train_loss": total / len(ytr), "test_accuracy": acc,
-                    "mean_forward_iters": sum(iters) / len(iters),
-                    "test_solved_fraction": float(sol.solved.float().mean()),
-                    "test_max_residual": float(sol.residual.max())})
+        log.append(
+            {
+                "epoch": epoch + 1,
+                "train_loss": total / len(ytr),
+                "test_accuracy": acc,
+                "mean_forward_iters": sum(iters) / len(iters),
+                "test_solved_fraction": float(sol.solved.float().mean()),
+                "test_max_residual": float(sol.residual.max()),
+            }
+        )
         if task is not None:
             progress.advance(task)
-    results = {"epochs": log, "test_accuracy": log[-1]["test_accuracy"],
-               "train_seconds": time.perf_counter() - t0, "hidden": hidden, "seed": seed,
-               "solver": "anderson", "backward": "implicit (GMRES)", "tol": 1e-4,
-               "residual_history_median": histories, "n_train": len(ytr), "n_test": len(yte)}
+    results = {
+        "epochs": log,
+        "test_accuracy": log[-1]["test_accuracy"],
+        "train_seconds": time.perf_counter() - t0,
+        "hidden": hidden,
+        "seed": seed,
+        "solver": "anderson",
+        "backward": "implicit (GMRES)",
+        "tol": 1e-4,
+        "residual_history_median": histories,
+        "n_train": len(ytr),
+        "n_test": len(yte),
+    }
     return model, results
 
 
@@ -134,8 +156,14 @@ def save_outputs(model: DigitsDEQ, results: dict, out: Path) -> None:
     tmp = out / "deq_digits.safetensors.tmp"
     save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
     os.replace(tmp, out / "deq_digits.safetensors")
-    sidecar = {"model_class": "amortized.cli.deq.DigitsDEQ", "d_in": 64, "hidden": results["hidden"],
-               "n_classes": 10, "dtype": "float32", "library_version": am.__version__}
+    sidecar = {
+        "model_class": "amortized.cli.deq.DigitsDEQ",
+        "d_in": 64,
+        "hidden": results["hidden"],
+        "n_classes": 10,
+        "dtype": "float32",
+        "library_version": am.__version__,
+    }
     _write_json(out / "deq_digits.json", sidecar)
     plot_residuals(results["residual_history_median"], out / "deq_residual.png")
     _write_json(out / "results.json", results)
@@ -148,20 +176,27 @@ def _write_json(path: Path, obj) -> None:
 
 
 @app.callback(invoke_without_command=True)
-def deq(out: Path = typer.Option(Path("deq-out"), help="Folder for results.json, weights and the plot."),
-        epochs: int = typer.Option(15, min=1, help="Training epochs."),
-        hidden: int = typer.Option(64, min=1, help="Fixed-point state size."),
-        seed: int = typer.Option(0, help="Random seed.")) -> None:
-    """Train a deep-equilibrium classifier on the bundled digits (Anderson forward, implicit backward)."""
+def deq(
+    out: Annotated[
+        Path, typer.Option(help="Folder for results.json, weights and the plot.")
+    ] = Path("deq-out"),
+    epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 15,
+    hidden: Annotated[int, typer.Option(min=1, help="Fixed-point state size.")] = 64,
+    seed: Annotated[int, typer.Option(help="Random seed.")] = 0,
+) -> None:
+    """Train a deep-equilibrium classifier on the bundled digits (Anderson forward, implicit
+    backward)."""
     console = Console()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     with Progress(console=console) as progress:
         model, results = train_deq(epochs, hidden, seed, progress=progress)
     save_outputs(model, results, out)
     last = results["epochs"][-1]
-    console.print(f"test accuracy {last['test_accuracy']:.3f}, mean forward iterations "
-                  f"{last['mean_forward_iters']:.1f}, test solved {last['test_solved_fraction']:.2f}; "
-                  f"written to {out}")
+    console.print(
+        f"test accuracy {last['test_accuracy']:.3f}, mean forward iterations "
+        f"{last['mean_forward_iters']:.1f}, test solved {last['test_solved_fraction']:.2f}; "
+        f"written to {out}"
+    )
 
 
 def deq_step(out: Path, progress: Progress, seed: int) -> list[dict]:
@@ -171,12 +206,28 @@ def deq_step(out: Path, progress: Progress, seed: int) -> list[dict]:
     save_outputs(model, results, out / "deq")
     last = results["epochs"][-1]
     return [
-        {"case": "digits, 6 epochs", "metric": "test accuracy", "value": f"{last['test_accuracy']:.3f}",
-         "target": ">= 0.90", "ok": last["test_accuracy"] >= 0.90},
-        {"case": "digits, 6 epochs", "metric": "test fixed points solved (tol 1e-4)",
-         "value": f"{last['test_solved_fraction']:.2f}", "target": ">= 0.99",
-         "ok": last["test_solved_fraction"] >= 0.99},
-        {"case": "digits, 6 epochs", "metric": "mean Anderson iterations",
-         "value": f"{last['mean_forward_iters']:.1f}"},
-        {"case": "digits, 6 epochs", "metric": "train time", "value": f"{time.perf_counter() - t:.1f} s"},
+        {
+            "case": "digits, 6 epochs",
+            "metric": "test accuracy",
+            "value": f"{last['test_accuracy']:.3f}",
+            "target": ">= 0.90",
+            "ok": last["test_accuracy"] >= 0.90,
+        },
+        {
+            "case": "digits, 6 epochs",
+            "metric": "test fixed points solved (tol 1e-4)",
+            "value": f"{last['test_solved_fraction']:.2f}",
+            "target": ">= 0.99",
+            "ok": last["test_solved_fraction"] >= 0.99,
+        },
+        {
+            "case": "digits, 6 epochs",
+            "metric": "mean Anderson iterations",
+            "value": f"{last['mean_forward_iters']:.1f}",
+        },
+        {
+            "case": "digits, 6 epochs",
+            "metric": "train time",
+            "value": f"{time.perf_counter() - t:.1f} s",
+        },
     ]

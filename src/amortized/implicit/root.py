@@ -61,15 +61,15 @@ class _Implicit(torch.autograd.Function):
         saved = ctx.saved_tensors
         ys, tparams = saved[: ctx.n_y], saved[ctx.n_y :]
         params = list(ctx.others)
-        for i, p in zip(ctx.tensor_idx, tparams):
+        for i, p in zip(ctx.tensor_idx, tparams, strict=False):
             params[i] = p
         offset = _N_FIXED + ctx.n_pre
         wanted = [i for i in ctx.tensor_idx if ctx.needs_input_grad[offset + i]]
-        v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v))
+        v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v, strict=False))
 
         def F_of(ys_, ps_):
             full = list(params)
-            for i, p in zip(wanted, ps_):
+            for i, p in zip(wanted, ps_, strict=False):
                 full[i] = p
             return tuple(ctx.F(*ys_, *full))
 
@@ -84,11 +84,11 @@ class _Implicit(torch.autograd.Function):
         u = tuple(ctx.solve(matvec, v))
         for _ in range(ctx.refine):
             JTu = matvec(u)
-            du = ctx.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu)))
-            u = tuple(ui + di for ui, di in zip(u, du))
+            du = ctx.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)))
+            u = tuple(ui + di for ui, di in zip(u, du, strict=False))
         _, grads = vjp_fn(tuple(-ui for ui in u))
         out: list[Tensor | None] = [None] * len(params)
-        for i, g in zip(wanted, grads):
+        for i, g in zip(wanted, grads, strict=False):
             out[i] = g
         return (None,) * (_N_FIXED + ctx.n_pre) + tuple(out)
 
@@ -99,9 +99,9 @@ class _Implicit(torch.autograd.Function):
         dims = in_dims[_N_FIXED:]
         outs = []
         for k in range(info.batch_size):
-            sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims)]
+            sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=False)]
             outs.append(_Implicit.apply(run, F, solve, refine, n_pre, *sl))
-        stacked = tuple(torch.stack(o) for o in zip(*outs))
+        stacked = tuple(torch.stack(o) for o in zip(*outs, strict=False))
         return stacked, (0,) * len(stacked)
 
 
@@ -161,7 +161,10 @@ def make_transpose_solve(
     """
     if isinstance(solve, str):
         if solve not in ls.SOLVERS:
-            raise ValueError(f"unknown linear solve {solve!r}; choose from {sorted(ls.SOLVERS)} or pass a callable")
+            raise ValueError(
+                f"unknown linear solve {solve!r}; choose from {sorted(ls.SOLVERS)} "
+                "or pass a callable"
+            )
         fn = ls.SOLVERS[solve]
         kwargs: dict = {"rtol": rtol, "max_iter": max_iter}
         if solve == "direct":
@@ -186,8 +189,12 @@ def make_transpose_solve(
         x = torch.where(finite.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
         if ls.any_true(~ok) and _concrete(ok):
             bad = (~ok).nonzero().flatten().tolist()[:10]
-            warnings.warn(f"{name}: the linear solve did not converge for problems {bad}"
-                          " (non-finite rows get zero gradients)", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"{name}: the linear solve did not converge for problems {bad}"
+                " (non-finite rows get zero gradients)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
         return _unflat(x, v)
 
     return tuple_solve
@@ -228,8 +235,9 @@ def custom_root(
 
     The decorated solver returns y (or (y, aux)); `init` receives no gradient.
     """
-    tsolve = make_transpose_solve(solve, symmetric=symmetric, rtol=rtol, max_iter=max_iter,
-                                  name="custom_root backward")
+    tsolve = make_transpose_solve(
+        solve, symmetric=symmetric, rtol=rtol, max_iter=max_iter, name="custom_root backward"
+    )
 
     def decorator(solver):
         @functools.wraps(solver)
@@ -278,6 +286,6 @@ def custom_fixed_point(
         t = T(y, *params)
         if isinstance(y, Tensor):
             return y - t
-        return tuple(a - b for a, b in zip(y, t))
+        return tuple(a - b for a, b in zip(y, t, strict=False))
 
     return custom_root(residual, solve, rtol=rtol, max_iter=max_iter, has_aux=has_aux)

@@ -13,7 +13,20 @@ from amortized.solvers.lbfgs import lbfgs
 from amortized.solvers.newton import newton
 
 __all__ = [
-    "FIXED_POINT_SOLVERS", "GRAD_MODES", "MINIMIZERS", "SolverSolution", "SolverStatus", "adam",
-    "anderson", "argmin", "broyden", "default_tol", "fixed_point", "fixed_point_iteration",
-    "gradient_descent", "hessian", "lbfgs", "newton",
+    "FIXED_POINT_SOLVERS",
+    "GRAD_MODES",
+    "MINIMIZERS",
+    "SolverSolution",
+    "SolverStatus",
+    "adam",
+    "anderson",
+    "argmin",
+    "broyden",
+    "default_tol",
+    "fixed_point",
+    "fixed_point_iteration",
+    "gradient_descent",
+    "hessian",
+    "lbfgs",
+    "newton",
 ]

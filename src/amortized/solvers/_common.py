@@ -68,7 +68,9 @@ def default_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps ** 0.6)
 
 
-def value_and_grad(f: Callable[..., Tensor], params: tuple) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+def value_and_grad(
+    f: Callable[..., Tensor], params: tuple
+) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """y ↦ (f(y) (B,), ∇_y f(y) (B, n)) for a batched objective f(y, *params) -> (B,).
 
     Rows are independent, so the gradient of the batch sum is the batch of gradients.
@@ -78,7 +80,9 @@ def value_and_grad(f: Callable[..., Tensor], params: tuple) -> Callable[[Tensor]
     def total(y):
         v = f(y, *params)
         if v.shape != y.shape[:1]:
-            raise ValueError(f"f must return one value per problem, shape ({y.shape[0]},); got {tuple(v.shape)}")
+            raise ValueError(
+                f"f must return one value per problem, shape ({y.shape[0]},); got {tuple(v.shape)}"
+            )
         return v.sum(), v
 
     def vg(y):
@@ -201,7 +205,9 @@ def drive(
                 state["res"] = torch.where(bad, prev["res"], state["res"])
                 numerical = numerical | bad
             iters = iters + active.long()
-            state["active"] = active & ~bad & (state["res"] > tol) & ~state.get("failed", bad & False)
+            state["active"] = (
+                active & ~bad & (state["res"] > tol) & ~state.get("failed", bad & False)
+            )
             hist.append(state["res"].detach())
             if callback is not None:
                 callback(k, state["y"].detach(), state["res"].detach())
@@ -210,16 +216,25 @@ def drive(
         status = torch.full_like(iters, int(SolverStatus.MAX_ITER))
         status = torch.where(state["res"] <= tol, int(SolverStatus.SOLVED), status)
         if "failed" in state:
-            status = torch.where(state["failed"] & (state["res"] > tol), int(SolverStatus.LINESEARCH_FAILED), status)
+            status = torch.where(
+                state["failed"] & (state["res"] > tol), int(SolverStatus.LINESEARCH_FAILED), status
+            )
         status = torch.where(numerical, int(SolverStatus.NUMERICAL), status)
-        info.update(status=status, iters=iters, res=state["res"].detach(),
-                    value=state.get("f"), history=torch.stack(hist) if hist else state["res"][None])
+        info.update(
+            status=status,
+            iters=iters,
+            res=state["res"].detach(),
+            value=state.get("f"),
+            history=torch.stack(hist) if hist else state["res"][None],
+        )
         return state["y"]
 
     if grad == "implicit":
         optimality = gradient_fn(fn) if kind == "min" else (lambda y, *ps: y - fn(y, *ps))
         default = "cg" if kind == "min" else "gmres"
-        y = custom_root(optimality, solve=solve or default, symmetric=kind == "min")(loop)(y0, *params)
+        y = custom_root(optimality, solve=solve or default, symmetric=kind == "min")(loop)(
+            y0, *params
+        )
     elif grad == "unroll":
         y = loop(y0, *params)
     else:
@@ -231,5 +246,11 @@ def drive(
             state = step(dict(state), params)
         y = state["y"]
     value = info["value"]
-    return SolverSolution(y, info["status"], info["iters"], info["res"],
-                          None if value is None else value.detach(), info["history"])
+    return SolverSolution(
+        y,
+        info["status"],
+        info["iters"],
+        info["res"],
+        None if value is None else value.detach(),
+        info["history"],
+    )

@@ -44,5 +44,18 @@ def adam(
         fv, g = value_and_grad(f, ps)(y)
         return {**s, "y": y, "f": fv, "g": g, "res": _inf_norm(g), "m": m, "v": v, "t": t}
 
-    return drive("min", f, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "min",
+        f,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )

@@ -54,8 +54,27 @@ def anderson(
         act = s["active"].unsqueeze(-1)
         y = torch.where(act, y_new, s["y"])
         Ty = torch.where(act, T(y, *ps), s["Ty"])
-        return {**s, "y": y, "Ty": Ty, "res": fixed_point_residual(y, Ty),
-                "X": (s["X"] + [y])[-memory:], "F": (s["F"] + [Ty])[-memory:]}
+        return {
+            **s,
+            "y": y,
+            "Ty": Ty,
+            "res": fixed_point_residual(y, Ty),
+            "X": (s["X"] + [y])[-memory:],
+            "F": (s["F"] + [Ty])[-memory:],
+        }
 
-    return drive("fixed", T, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "fixed",
+        T,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )

@@ -26,7 +26,9 @@ FIXED_POINT_SOLVERS: dict[str, Callable[..., SolverSolution]] = {
 }
 
 
-def argmin(f: Callable[..., Tensor], y0: Tensor, *params, solver: str = "lbfgs", **options) -> SolverSolution:
+def argmin(
+    f: Callable[..., Tensor], y0: Tensor, *params, solver: str = "lbfgs", **options
+) -> SolverSolution:
     """y*(θ) = argmin_y f(y, θ) for B independent smooth unconstrained problems.
 
     f(y (B, n), *params) -> (B,); row b depends only on problem b; params batched or shared
@@ -42,7 +44,9 @@ def argmin(f: Callable[..., Tensor], y0: Tensor, *params, solver: str = "lbfgs",
     return MINIMIZERS[solver](f, y0, *params, **options)
 
 
-def fixed_point(T: Callable[..., Tensor], y0: Tensor, *params, solver: str = "anderson", **options) -> SolverSolution:
+def fixed_point(
+    T: Callable[..., Tensor], y0: Tensor, *params, solver: str = "anderson", **options
+) -> SolverSolution:
     """y*(θ) = T(y*, θ) for B independent problems, y (B, n); row b of T depends only on
     problem b. solver: "anderson" (default), "broyden", "iteration". In the default implicit
     mode sol.y is differentiable w.r.t. the params through y − T(y, θ) = 0:

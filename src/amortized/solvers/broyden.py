@@ -12,7 +12,7 @@ from amortized.solvers._common import SolverSolution, drive, fixed_point_residua
 def _apply(U: list[Tensor], V: list[Tensor], x: Tensor, transpose: bool = False) -> Tensor:
     """J⁻¹x with J⁻¹ = −I + Σ u_i v_iᵀ (or its transpose), per problem."""
     out = -x
-    for u, v in zip(U, V):
+    for u, v in zip(U, V, strict=False):
         a, b = (u, v) if not transpose else (v, u)
         out = out + a * (b * x).sum(-1, keepdim=True)
     return out
@@ -54,7 +54,11 @@ def broyden(
         vT = _apply(s["U"], s["V"], dx, transpose=True)  # dxᵀ J⁻¹
         Jdg = _apply(s["U"], s["V"], dg)
         den = (vT * dg).sum(-1, keepdim=True)
-        ok = act & (den.abs() > torch.finfo(y.dtype).eps * (vT.norm(dim=-1, keepdim=True) * dg.norm(dim=-1, keepdim=True)))
+        ok = act & (
+            den.abs()
+            > torch.finfo(y.dtype).eps
+            * (vT.norm(dim=-1, keepdim=True) * dg.norm(dim=-1, keepdim=True))
+        )
         u = torch.where(ok, (dx - Jdg) / torch.where(ok, den, torch.ones_like(den)), 0.0)
         U, V = s["U"] + [u], s["V"] + [torch.where(ok, vT, 0.0)]
         if len(U) > memory:
@@ -62,5 +66,18 @@ def broyden(
         res = torch.where(s["active"], fixed_point_residual(y, Ty), s["res"])
         return {**s, "y": y, "g": g, "res": res, "U": U, "V": V}
 
-    return drive("fixed", T, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "fixed",
+        T,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )

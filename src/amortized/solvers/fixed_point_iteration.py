@@ -37,5 +37,18 @@ def fixed_point_iteration(
         Ty = torch.where(act, T(y, *ps), s["Ty"])
         return {**s, "y": y, "Ty": Ty, "res": fixed_point_residual(y, Ty)}
 
-    return drive("fixed", T, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "fixed",
+        T,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )

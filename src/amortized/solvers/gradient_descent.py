@@ -39,5 +39,18 @@ def gradient_descent(
         v, g = value_and_grad(f, ps)(y)
         return {**s, "y": y, "f": v, "g": g, "res": _inf_norm(g)}
 
-    return drive("min", f, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "min",
+        f,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )

@@ -14,7 +14,7 @@ def _two_loop(g: Tensor, S: list[Tensor], Y: list[Tensor], valid: list[Tensor]) 
     q = g
     alphas = []
     rhos = []
-    for s, y, ok in zip(reversed(S), reversed(Y), reversed(valid)):
+    for s, y, ok in zip(reversed(S), reversed(Y), reversed(valid), strict=False):
         sy = (s * y).sum(-1)
         rho = torch.where(ok, 1 / torch.where(ok, sy, torch.ones_like(sy)), 0.0)
         a = rho * (s * q).sum(-1)
@@ -24,13 +24,13 @@ def _two_loop(g: Tensor, S: list[Tensor], Y: list[Tensor], valid: list[Tensor]) 
     # Initial scaling sᵀy / yᵀy from the newest valid pair of each problem.
     gamma = torch.ones_like(g[:, 0])
     found = torch.zeros_like(gamma, dtype=torch.bool)
-    for s, y, ok in zip(reversed(S), reversed(Y), reversed(valid)):
+    for s, y, ok in zip(reversed(S), reversed(Y), reversed(valid), strict=False):
         yy = (y * y).sum(-1)
         cand = (s * y).sum(-1) / torch.where(yy > 0, yy, torch.ones_like(yy))
         gamma = torch.where(ok & ~found, cand, gamma)
         found = found | ok
     r = gamma.unsqueeze(-1) * q
-    for s, y, a, rho in zip(S, Y, reversed(alphas), reversed(rhos)):
+    for s, y, a, rho in zip(S, Y, reversed(alphas), reversed(rhos), strict=False):
         b = rho * (y * r).sum(-1)
         r = r + (a - b).unsqueeze(-1) * s
     return -r
@@ -69,11 +69,39 @@ def lbfgs(
         v, g = value_and_grad(f, ps)(y)
         sk, yk = y - s["y"], g - s["g"]
         sy = (sk * yk).sum(-1)
-        valid = a.squeeze(-1) & (sy > torch.finfo(y.dtype).eps * (sk.norm(dim=-1) * yk.norm(dim=-1)))
-        S, Y, V = (s["S"] + [sk])[-history:], (s["Y"] + [yk])[-history:], (s["V"] + [valid])[-history:]
+        valid = a.squeeze(-1) & (
+            sy > torch.finfo(y.dtype).eps * (sk.norm(dim=-1) * yk.norm(dim=-1))
+        )
+        S, Y, V = (
+            (s["S"] + [sk])[-history:],
+            (s["Y"] + [yk])[-history:],
+            (s["V"] + [valid])[-history:],
+        )
         stalled = s["active"] & ~(y != s["y"]).any(-1)  # the step vanished in rounding
-        return {**s, "y": y, "f": v, "g": g, "res": _inf_norm(g), "S": S, "Y": Y, "V": V,
-                "failed": s["active"] & (~ok | stalled)}
+        return {
+            **s,
+            "y": y,
+            "f": v,
+            "g": g,
+            "res": _inf_norm(g),
+            "S": S,
+            "Y": Y,
+            "V": V,
+            "failed": s["active"] & (~ok | stalled),
+        }
 
-    return drive("min", f, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "min",
+        f,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )

@@ -6,7 +6,14 @@ import torch
 from torch import Tensor
 
 from amortized.implicit.linear_solve import any_true
-from amortized.solvers._common import SolverSolution, _inf_norm, armijo, drive, hessian, value_and_grad
+from amortized.solvers._common import (
+    SolverSolution,
+    _inf_norm,
+    armijo,
+    drive,
+    hessian,
+    value_and_grad,
+)
 
 
 def _damped_newton_direction(H: Tensor, g: Tensor) -> Tensor:
@@ -20,7 +27,9 @@ def _damped_newton_direction(H: Tensor, g: Tensor) -> Tensor:
     for k in range(12):
         L, info = torch.linalg.cholesky_ex(H + mu[:, None, None] * eye)
         ok = todo & (info == 0)
-        d_k = -torch.cholesky_solve(g.unsqueeze(-1), torch.where(ok[:, None, None], L, eye)).squeeze(-1)
+        d_k = -torch.cholesky_solve(
+            g.unsqueeze(-1), torch.where(ok[:, None, None], L, eye)
+        ).squeeze(-1)
         d = torch.where(ok.unsqueeze(-1), d_k, d)
         todo = todo & ~ok
         if not any_true(todo):
@@ -64,5 +73,18 @@ def newton(
         v, g = value_and_grad(f, ps)(y)
         return {**s, "y": y, "f": v, "g": g, "res": _inf_norm(g), "failed": s["active"] & ~ok}
 
-    return drive("min", f, y0, params, init, step, tol=tol, max_iter=max_iter, check_every=check_every,
-                 grad=grad, truncate=truncate, solve=solve, callback=callback)
+    return drive(
+        "min",
+        f,
+        y0,
+        params,
+        init,
+        step,
+        tol=tol,
+        max_iter=max_iter,
+        check_every=check_every,
+        grad=grad,
+        truncate=truncate,
+        solve=solve,
+        callback=callback,
+    )
