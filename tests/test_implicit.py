@@ -338,3 +338,27 @@ def test_cg_reports_indefinite_matrix_as_not_converged():
     r = torch.ones(2, 3, dtype=F64)
     _, ok = linear_solve.cg(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r)
     assert ok.tolist() == [True, False]
+
+
+def test_tuple_solution_and_aux():
+    """A solver returning a tuple of blocks and an aux value (here a per-problem status)."""
+    X, t, lam = ridge_data(seed=16)
+
+    def optimality(ys, X, t, lam):
+        w, r = ys  # r = Xw − t is a second block of unknowns
+        return _ridge_grad(w, X, t, lam), r - ((X @ w.unsqueeze(-1)).squeeze(-1) - t)
+
+    @custom_root(optimality, solve="gmres", has_aux=True)
+    def solver(init, X, t, lam):
+        w = _np_ridge_solver(init, X, t, lam)
+        return (w, (X @ w.unsqueeze(-1)).squeeze(-1) - t), torch.zeros(X.shape[0], dtype=torch.long)
+
+    lam_r = lam.clone().requires_grad_()
+    (w, r), aux = solver(None, X, t, lam_r)
+    assert aux.tolist() == [0, 0, 0, 0]
+    (g,) = torch.autograd.grad(w.sum() + r.square().sum(), lam_r)
+    lam_c = lam.clone().requires_grad_()
+    wc = ridge_closed_form(X, t, lam_c)[0]
+    rc = (X @ wc.unsqueeze(-1)).squeeze(-1) - t
+    (g_ref,) = torch.autograd.grad(wc.sum() + rc.square().sum(), lam_c)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
