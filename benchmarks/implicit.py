@@ -156,9 +156,12 @@ def method_fns(kind, X, t, Xv, tv):
     return fns
 
 
-def saved_bytes(fn, kind, lam, Xv, tv):
-    """Bytes of the tensors the autograd graph of L_val keeps for backward (walking the graph
-    from the loss; deduplicated by storage; the inputs X, t themselves count once)."""
+def saved_bytes(fn, kind, lam, data_tensors):
+    """Bytes of the tensors the autograd graph of L_val keeps for backward beyond the problem
+    data (walking the graph from the loss; deduplicated by storage; the data X, t, Xv, tv
+    and λ exist anyway and are not counted)."""
+    data = {x.untyped_storage().data_ptr() for x in data_tensors}
+    Xv, tv = data_tensors[2], data_tensors[3]
     loss = val_loss(kind, fn(lam), Xv, tv)
     seen, stack, visited = {}, [loss.grad_fn], set()
     while stack:
@@ -187,7 +190,8 @@ def saved_bytes(fn, kind, lam, Xv, tv):
                 pass
         for x in tensors:
             st = x.untyped_storage()
-            seen[st.data_ptr()] = st.nbytes()
+            if st.data_ptr() not in data:
+                seen[st.data_ptr()] = st.nbytes()
         stack += [nf for nf, _ in node.next_functions]
     return sum(seen.values())
 
@@ -221,6 +225,10 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--kinds", nargs="+", default=["ridge", "logistic"])
     ap.add_argument("--out", default="benchmarks/implicit_results.json")
+    ap.add_argument(
+        "--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)"
+    )
+    ap.add_argument("--slow-reps", type=int, default=None, help="reps of unroll-1000 at n >= 1000")
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "N", "METHOD"))
     args = ap.parse_args()
     if args.probe:
@@ -228,28 +236,56 @@ def main():
         return
     torch.set_num_threads(2)
     rows = []
-    for kind in args.kinds:
-        for n in args.sizes:
+    cases = [(k, n) for k in args.kinds for n in args.sizes]
+    if args.cases:
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases]
+    for kind, n in cases:
+        if True:
             X, t, Xv, tv, lam = make(kind, args.B, n)
             ref = reference(kind, X, t, Xv, tv, lam)
             fns = method_fns(kind, X, t, Xv, tv)
-            for fn in fns.values():  # warm-up
-                run_once(fn, kind, lam, Xv, tv)
+            slow = {"unroll-1000"} if n >= 1000 else set()
+            for k, fn in fns.items():  # warm-up (the slow method is warm from the others' runs)
+                if k not in slow:
+                    run_once(fn, kind, lam, Xv, tv)
             times = {k: ([], []) for k in fns}
             errs = {}
-            for _ in range(args.reps):  # alternate the methods
+            reps_of = {
+                k: args.slow_reps if k in slow and args.slow_reps else args.reps for k in fns
+            }
+            for rep in range(args.reps):  # alternate the methods
                 for k, fn in fns.items():
+                    if rep >= reps_of[k]:
+                        continue
                     tf, tb, g = run_once(fn, kind, lam, Xv, tv)
                     times[k][0].append(tf)
                     times[k][1].append(tb)
                     errs[k] = float(((g - ref).abs() / ref.abs().clamp_min(1e-300)).max())
             for k, fn in fns.items():
+                if k in slow:  # one more 1000-step run is too long for the shared machine
+                    rows.append(
+                        {
+                            "problem": kind,
+                            "n": n,
+                            "B": args.B,
+                            "method": k,
+                            "forward_ms": 1e3 * statistics.median(times[k][0]),
+                            "backward_ms": 1e3 * statistics.median(times[k][1]),
+                            "graph_MiB": float("nan"),
+                            "peak_rss_MiB": float("nan"),
+                            "grad_rel_err": errs[k],
+                            "reps": reps_of[k],
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
                 rss = subprocess.run(
                     [sys.executable, __file__, "--B", str(args.B), "--probe", kind, str(n), k],
                     capture_output=True,
                     text=True,
                     check=True,
                 ).stdout
+                lam_g = lam.clone().requires_grad_()
                 rows.append(
                     {
                         "problem": kind,
@@ -258,10 +294,10 @@ def main():
                         "method": k,
                         "forward_ms": 1e3 * statistics.median(times[k][0]),
                         "backward_ms": 1e3 * statistics.median(times[k][1]),
-                        "graph_MiB": saved_bytes(fn, kind, lam.clone().requires_grad_(), Xv, tv)
-                        / 2**20,
+                        "graph_MiB": saved_bytes(fn, kind, lam_g, (X, t, Xv, tv, lam_g)) / 2**20,
                         "peak_rss_MiB": float(rss.strip().splitlines()[-1]),
                         "grad_rel_err": errs[k],
+                        "reps": reps_of[k],
                     }
                 )
                 print(json.dumps(rows[-1]), flush=True)
@@ -285,13 +321,14 @@ def table(rows, meta):
         f"torch {meta['torch']}, torchopt {meta['torchopt']}, {meta['threads']} threads, "
         f"median of {meta['reps']}",
         "",
-        "| problem | n | method | forward ms | backward ms | graph MiB | peak RSS MiB "
+        "| problem | n | method | reps | forward ms | backward ms | graph MiB | peak RSS MiB "
         "| grad rel err |",
-        "|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
-            f"| {r['problem']} | {r['n']} | {r['method']} | {r['forward_ms']:.1f} | "
+            f"| {r['problem']} | {r['n']} | {r['method']} | {r.get('reps', meta['reps'])} | "
+            f"{r['forward_ms']:.1f} | "
             f"{r['backward_ms']:.1f} | "
             f"{r['graph_MiB']:.2f} | {r['peak_rss_MiB']:.0f} | {r['grad_rel_err']:.1e} |"
         )
