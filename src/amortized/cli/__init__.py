@@ -2,8 +2,7 @@
 
 import typer
 
-from amortized.cli import sudoku
-from amortized.cli import amortize
+from amortized.cli import amortize, deq, sudoku
 from amortized.cli.demo import demo
 
 app = typer.Typer(
@@ -20,4 +19,5 @@ def main() -> None:
 
 app.command()(demo)
 app.add_typer(sudoku.app, name="sudoku")
+app.add_typer(deq.app, name="deq")
 app.add_typer(amortize.app, name="amortize")

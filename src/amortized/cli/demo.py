@@ -10,12 +10,14 @@ from rich.progress import Progress
 from rich.table import Table
 
 from amortized.cli.amortize import amortize_step
+from amortized.cli.deq import deq_step
 from amortized.cli.qp_demo import qp_step
 from amortized.cli.sudoku import sudoku_step
 
 # Each step: (title, function(out_dir, progress) -> list of result rows (dicts)).
 STEPS = [
     ("Batched differentiable QP vs Clarabel and finite differences", qp_step),
+    ("Deep equilibrium classifier on digits (Anderson + implicit backward)", deq_step),
     ("OptNet learns 4x4 Sudoku (short run)", sudoku_step),
     ("Amortized optimization: QP proxy, VAE inference, sphere", amortize_step),
 ]

@@ -1,5 +1,17 @@
 """Implicit differentiation of solutions defined by optimality conditions F(y, θ) = 0."""
 
-from amortized.implicit.root import implicit_root
+from amortized.implicit import linear_solve
+from amortized.implicit.root import (
+    custom_fixed_point,
+    custom_root,
+    implicit_root,
+    make_transpose_solve,
+)
 
-__all__ = ["implicit_root"]
+__all__ = [
+    "custom_fixed_point",
+    "custom_root",
+    "implicit_root",
+    "linear_solve",
+    "make_transpose_solve",
+]

@@ -5,18 +5,104 @@ is one linear solve and one vjp:
 
     (∂F/∂y)ᵀ u = v,     v̄_θ = −uᵀ ∂F/∂θ.
 
-The linear solve is supplied by the caller (a structured factorization such as the QP's
-KKT Cholesky, reused from the forward pass, as in OptNet) and polished by iterative
-refinement against the exact Jacobian, whose transpose products come from torch.func.vjp.
-This follows jaxopt's `custom_root`/`root_vjp` (Blondel et al., 2022).
+Everything here goes through ONE `torch.autograd.Function` (`_Implicit`): it runs a solver
+(or takes a solution computed elsewhere) in its forward and, in its backward, builds the
+transposed Jacobian product u ↦ (∂F/∂y)ᵀu with `torch.func.vjp`, hands it to a pluggable
+linear solve, and finishes with one vjp w.r.t. the parameters. The solve may ignore the
+product and reuse a structured factorization from the forward pass (the QP's KKT Cholesky,
+as in OptNet) and be polished by iterative refinement against the exact product
+(`implicit_root`), or be a batched matrix-free Krylov method or a dense per-problem solve
+(`custom_root`, `custom_fixed_point`). The systems of the B problems are solved
+independently (never one (B·N)×(B·N) system). This follows jaxopt's `custom_root` /
+`root_vjp` (Blondel et al., "Efficient and Modular Implicit Differentiation", 2022).
+
+The Function uses `setup_context`, so `torch.func.grad`/`vjp` over outer functions work,
+and has a `vmap` rule (the vmapped dimension is looped over, each slice an independent
+call), so `torch.func.vmap` over a function that calls a decorated solver works too.
 """
 
+import functools
+import warnings
 from collections.abc import Callable, Sequence
 
 import torch
 from torch import Tensor
 
+from amortized.implicit import linear_solve as ls
+
 Tensors = tuple[Tensor, ...]
+# (matvec: tuple -> tuple, v: tuple) -> u with (∂F/∂y)ᵀ u = v
+TupleSolve = Callable[[Callable[[Tensors], Tensors], Tensors], Tensors]
+
+_N_FIXED = 5  # non-tensor leading arguments of _Implicit.forward
+
+
+class _Implicit(torch.autograd.Function):
+    """forward(run, F, solve, refine, n_pre, *inputs): ys = run(*inputs); the last
+    len(inputs) − n_pre inputs are the parameters θ of F(*ys, *θ); the first n_pre (an
+    initial guess, or the solution itself) get no gradient."""
+
+    @staticmethod
+    def forward(run, F, solve, refine, n_pre, *inputs):
+        # Clone: an output must not alias an input (a solver may return its init unchanged).
+        return tuple(y.detach().clone() for y in run(*inputs))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        run, F, solve, refine, n_pre, *args = inputs
+        params = args[n_pre:]
+        ctx.F, ctx.solve, ctx.refine, ctx.n_pre, ctx.n_y = F, solve, refine, n_pre, len(output)
+        ctx.tensor_idx = [i for i, p in enumerate(params) if isinstance(p, Tensor)]
+        ctx.others = [None if isinstance(p, Tensor) else p for p in params]
+        ctx.save_for_backward(*output, *(params[i] for i in ctx.tensor_idx))
+
+    @staticmethod
+    def backward(ctx, *v):
+        saved = ctx.saved_tensors
+        ys, tparams = saved[: ctx.n_y], saved[ctx.n_y :]
+        params = list(ctx.others)
+        for i, p in zip(ctx.tensor_idx, tparams, strict=False):
+            params[i] = p
+        offset = _N_FIXED + ctx.n_pre
+        wanted = [i for i in ctx.tensor_idx if ctx.needs_input_grad[offset + i]]
+        v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v, strict=False))
+
+        def F_of(ys_, ps_):
+            full = list(params)
+            for i, p in zip(wanted, ps_, strict=False):
+                full[i] = p
+            return tuple(ctx.F(*ys_, *full))
+
+        ys_d = tuple(y.detach() for y in ys)
+        ps_d = tuple(params[i].detach() for i in wanted)
+        with torch.enable_grad():
+            _, vjp_fn = torch.func.vjp(F_of, ys_d, ps_d)
+
+        def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
+            return vjp_fn(u)[0]
+
+        u = tuple(ctx.solve(matvec, v))
+        for _ in range(ctx.refine):
+            JTu = matvec(u)
+            du = ctx.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)))
+            u = tuple(ui + di for ui, di in zip(u, du, strict=False))
+        _, grads = vjp_fn(tuple(-ui for ui in u))
+        out: list[Tensor | None] = [None] * len(params)
+        for i, g in zip(wanted, grads, strict=False):
+            out[i] = g
+        return (None,) * (_N_FIXED + ctx.n_pre) + tuple(out)
+
+    @staticmethod
+    def vmap(info, in_dims, run, F, solve, refine, n_pre, *inputs):
+        # Each slice of the vmapped dimension is an independent implicit problem: solve them
+        # one after another (a solver may use data-dependent control flow that vmap forbids).
+        dims = in_dims[_N_FIXED:]
+        outs = []
+        for k in range(info.batch_size):
+            sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=False)]
+            outs.append(_Implicit.apply(run, F, solve, refine, n_pre, *sl))
+        stacked = tuple(torch.stack(o) for o in zip(*outs, strict=False))
+        return stacked, (0,) * len(stacked)
 
 
 def implicit_root(
@@ -32,48 +118,174 @@ def implicit_root(
     F(*ys, *params) -> residuals shaped like ys, zero at the solution; row b of each
     residual must depend only on problem b (params may broadcast over the batch, and then
     their gradients are summed over it). solve_transpose(v) returns u with
-    (∂F/∂y)ᵀ u ≈ v for a tuple v shaped like ys. `refine` iterative-refinement steps
-    correct u against the exact Jacobian. Returns ys, now differentiable w.r.t. params.
+    (∂F/∂y)ᵀ u ≈ v for a tuple v shaped like ys (e.g. from a factorization reused from the
+    forward pass). `refine` iterative-refinement steps correct u against the exact
+    Jacobian. Returns ys, now differentiable w.r.t. params.
     """
-    return _ImplicitRoot.apply(F, solve_transpose, refine, len(ys), *ys, *params)
+    n_y = len(ys)
+
+    def run(*inputs):
+        return inputs[:n_y]
+
+    return _Implicit.apply(run, F, lambda matvec, v: solve_transpose(v), refine, n_y, *ys, *params)
 
 
-class _ImplicitRoot(torch.autograd.Function):
-    @staticmethod
-    def forward(F, solve_transpose, refine, n_y, *args):
-        return tuple(y.detach().clone() for y in args[:n_y])
+def _flat(ts: Sequence[Tensor]) -> Tensor:
+    B = ts[0].shape[0]
+    return torch.cat([t.reshape(B, -1) for t in ts], dim=-1)
 
-    @staticmethod
-    def setup_context(ctx, inputs, output):
-        F, solve_transpose, refine, n_y, *args = inputs
-        ctx.F, ctx.solve_transpose, ctx.refine, ctx.n_y = F, solve_transpose, refine, n_y
-        ctx.save_for_backward(*args)
 
-    @staticmethod
-    def backward(ctx, *v):
-        args = ctx.saved_tensors
-        n_y = ctx.n_y
-        ys, params = args[:n_y], args[n_y:]
-        wanted = [i for i, p in enumerate(params) if p is not None and ctx.needs_input_grad[4 + n_y + i]]
-        v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v))
+def _unflat(x: Tensor, like: Sequence[Tensor]) -> Tensors:
+    out, k = [], 0
+    for t in like:
+        size = t[0].numel() if t.shape[0] else t.numel()
+        out.append(x[:, k : k + size].reshape(t.shape))
+        k += size
+    return tuple(out)
 
-        def F_of(ys_, ps_):
-            full = list(params)
-            for i, p in zip(wanted, ps_):
-                full[i] = p
-            return ctx.F(*ys_, *full)
 
-        ys_d = tuple(y.detach() for y in ys)
-        ps_d = tuple(params[i].detach() for i in wanted)
-        with torch.enable_grad():
-            _, vjp_fn = torch.func.vjp(F_of, ys_d, ps_d)
-        u = ctx.solve_transpose(v)
-        for _ in range(ctx.refine):
-            JTu, _ = vjp_fn(u)
-            du = ctx.solve_transpose(tuple(vi - ji for vi, ji in zip(v, JTu)))
-            u = tuple(ui + di for ui, di in zip(u, du))
-        _, grads = vjp_fn(tuple(-ui for ui in u))
-        out = [None] * len(params)
-        for i, g in zip(wanted, grads):
-            out[i] = g
-        return (None, None, None, None, *([None] * n_y), *out)
+def make_transpose_solve(
+    solve: str | Callable,
+    *,
+    symmetric: bool = False,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+    name: str = "implicit backward",
+) -> TupleSolve:
+    """A tuple-level solve of (∂F/∂y)ᵀ u = v from a named batched solver or a callable.
+
+    solve: "cg" | "gmres" | "bicgstab" | "neumann" | "direct", or a callable
+    solve(matvec, r) -> x or (x, converged) on flat per-problem vectors r (B, N), where
+    matvec(x) = (∂F/∂y)ᵀ x row-wise. Rows whose solve fails to converge or is not finite
+    warn (RuntimeWarning); non-finite rows get u = 0, so no NaN reaches the parameters.
+    """
+    if isinstance(solve, str):
+        if solve not in ls.SOLVERS:
+            raise ValueError(
+                f"unknown linear solve {solve!r}; choose from {sorted(ls.SOLVERS)} "
+                "or pass a callable"
+            )
+        fn = ls.SOLVERS[solve]
+        kwargs: dict = {"rtol": rtol, "max_iter": max_iter}
+        if solve == "direct":
+            kwargs = {"symmetric": symmetric}
+
+        def flat_solve(matvec, r):
+            return fn(matvec, r, **kwargs)
+    elif callable(solve):
+        flat_solve = solve
+    else:
+        raise TypeError(f"solve must be a string or a callable, got {type(solve).__name__}")
+
+    def tuple_solve(matvec, v):
+        r = _flat(v)
+
+        def flat_matvec(x):
+            return _flat(matvec(_unflat(x, v)))
+
+        out = flat_solve(flat_matvec, r)
+        x, ok = out if isinstance(out, tuple) else (out, torch.isfinite(out).all(-1))
+        finite = torch.isfinite(x).all(-1)
+        x = torch.where(finite.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
+        if ls.any_true(~ok) and _concrete(ok):
+            bad = (~ok).nonzero().flatten().tolist()[:10]
+            warnings.warn(
+                f"{name}: the linear solve did not converge for problems {bad}"
+                " (non-finite rows get zero gradients)",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+        return _unflat(x, v)
+
+    return tuple_solve
+
+
+def _concrete(t: Tensor) -> bool:
+    """Whether t can be inspected on the host (not a vmap-batched tensor)."""
+    try:
+        bool(t.any())
+        return True
+    except RuntimeError:
+        return False
+
+
+def custom_root(
+    optimality_fn: Callable[..., Tensor | Tensors],
+    solve: str | Callable = "gmres",
+    *,
+    symmetric: bool = False,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+    has_aux: bool = False,
+):
+    """Decorator: make `solver(init, *params) -> y` differentiable by implicit differentiation
+    of `optimality_fn(y, *params) = 0` (jaxopt's `custom_root`, Blondel et al. 2022).
+
+    y: (B, ...) batch-first, or a tuple of such tensors; optimality_fn returns residuals
+    shaped like y, zero at the solution, whose row b depends only on problem b. params may
+    be batched (B, ...) or shared across the batch (their gradients are then summed over
+    it); non-tensor params are passed through. The solver runs inside the autograd Function's
+    forward with autograd off, so it need not be differentiable (a no_grad loop, scipy, C).
+
+    Backward, per problem b: solve (∂F/∂y)ᵀ u = −v (`solve`: "gmres" by default, "cg" when
+    the Jacobian is symmetric positive definite (an argmin's Hessian), "bicgstab",
+    "neumann", "direct", or a callable, see `make_transpose_solve`), then one vjp w.r.t.
+    the params. `symmetric` lets "direct" use Cholesky. `rtol`, `max_iter` tune the
+    iterative solves. has_aux: the solver returns (y, aux); aux is returned untouched.
+
+    The decorated solver returns y (or (y, aux)); `init` receives no gradient.
+    """
+    tsolve = make_transpose_solve(
+        solve, symmetric=symmetric, rtol=rtol, max_iter=max_iter, name="custom_root backward"
+    )
+
+    def decorator(solver):
+        @functools.wraps(solver)
+        def wrapped(init, *params):
+            meta: dict = {}
+
+            def run(init_, *ps):
+                out = solver(init_, *ps)
+                if has_aux:
+                    out, meta["aux"] = out
+                meta["single"] = isinstance(out, Tensor)
+                return (out,) if meta["single"] else tuple(out)
+
+            def F(*args):
+                n_y = len(args) - len(params)
+                ys, ps = args[:n_y], args[n_y:]
+                res = optimality_fn(ys[0] if meta["single"] else ys, *ps)
+                return (res,) if meta["single"] else tuple(res)
+
+            ys = _Implicit.apply(run, F, tsolve, 0, 1, init, *params)
+            y = ys[0] if meta["single"] else ys
+            return (y, meta.get("aux")) if has_aux else y
+
+        return wrapped
+
+    return decorator
+
+
+def custom_fixed_point(
+    T: Callable[..., Tensor | Tensors],
+    solve: str | Callable = "gmres",
+    *,
+    rtol: float | None = None,
+    max_iter: int | None = None,
+    has_aux: bool = False,
+):
+    """Decorator for a solver of y = T(y, *params) (y (B, ...) batch-first; row b of T
+    depends only on problem b): `custom_root` with optimality y − T(y, *params).
+
+    The backward solves (I − ∂T/∂y)ᵀ u = −v per problem; "neumann" sums the series
+    Σ (∂T/∂yᵀ)^k, which converges for a contraction (the DEQ setting); "gmres" (default)
+    needs only I − ∂T non-singular.
+    """
+
+    def residual(y, *params):
+        t = T(y, *params)
+        if isinstance(y, Tensor):
+            return y - t
+        return tuple(a - b for a, b in zip(y, t, strict=False))
+
+    return custom_root(residual, solve, rtol=rtol, max_iter=max_iter, has_aux=has_aux)

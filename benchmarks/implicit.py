@@ -1,0 +1,339 @@
+"""Implicit differentiation vs unrolling vs torchopt's implicit mode: hypergradient dL_val/dλ
+of batched ridge and ℓ2-regularized logistic regression (B = 64 problems, n features,
+m = 200 training samples, λ per problem), float64, CPU, 2 threads.
+
+    w*(λ) = argmin_w  loss(X w, t) + ½ λ ‖w‖²,     L_val(w*) = validation loss
+
+Methods (same inputs, same process, alternated A B C D ..., median of --reps runs):
+  implicit      am.custom_root on the no-grad forward solve, backward = per-problem CG on the
+                Hessian (matrix-free, torch.func vjp), default tolerance
+  torchopt      torchopt.diff.implicit.custom_root, same forward, solve_cg(rtol=1e-10)
+  unroll-K      K steps of gradient descent (step 1/L, gradient written out in plain torch)
+                tracked by autograd, backward through all of them
+Timed: the backward (torch.autograd.grad of L_val w.r.t. λ) and the forward, separately.
+Memory: bytes of the tensors the autograd graph saves (deduplicated by storage), and the
+peak RSS increase of forward+backward measured in a fresh subprocess per method.
+Gradient error: max relative error against the closed-form hypergradient
+−∇L_valᵀ H⁻¹ w* (H = the exact per-problem Hessian, dense Cholesky, tight forward solve).
+
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 5
+"""
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import time
+
+import torch
+
+import amortized as am
+from amortized.solvers import lbfgs
+
+DT = torch.float64
+
+
+def make(kind: str, B: int, n: int, m: int = 200, seed: int = 0):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, m, n, generator=g, dtype=DT) / m**0.5
+    Xv = torch.randn(B, m, n, generator=g, dtype=DT) / m**0.5
+    w_true = torch.randn(B, n, generator=g, dtype=DT)
+    z, zv = (X @ w_true.unsqueeze(-1)).squeeze(-1), (Xv @ w_true.unsqueeze(-1)).squeeze(-1)
+    if kind == "ridge":
+        t = z + 0.1 * torch.randn(B, m, generator=g, dtype=DT)
+        tv = zv + 0.1 * torch.randn(B, m, generator=g, dtype=DT)
+    else:
+        t, tv = (
+            (torch.rand(B, m, generator=g, dtype=DT) < torch.sigmoid(z)).to(DT),
+            (torch.sigmoid(zv) > 0.5).to(DT),
+        )
+    lam = torch.rand(B, generator=g, dtype=DT) + 0.5
+    return X, t, Xv, tv, lam
+
+
+def loss_terms(kind):
+    if kind == "ridge":
+        return lambda z, t: 0.5 * (z - t).square().sum(-1)
+    return lambda z, t: torch.nn.functional.binary_cross_entropy_with_logits(
+        z, t, reduction="none"
+    ).sum(-1)
+
+
+def objective(kind):
+    loss = loss_terms(kind)
+
+    def f(w, lam, X, t):  # λ first: torchopt 0.7.3's argnums only works for leading arguments
+        return loss((X @ w.unsqueeze(-1)).squeeze(-1), t) + 0.5 * lam * w.square().sum(-1)
+
+    return f
+
+
+def grad_f(kind):
+    f = objective(kind)
+    return lambda w, lam, X, t: torch.func.grad(lambda w_: f(w_, lam, X, t).sum())(w)
+
+
+def val_loss(kind, w, Xv, tv):
+    return loss_terms(kind)((Xv @ w.unsqueeze(-1)).squeeze(-1), tv).sum()
+
+
+def forward_solve(kind, lam, X, t):
+    """The no-grad inner solve shared by the implicit methods (exact enough for 1e-9 grads)."""
+    with torch.no_grad():
+        if kind == "ridge":
+            H = X.mT @ X + lam[:, None, None] * torch.eye(X.shape[-1], dtype=DT)
+            L = torch.linalg.cholesky(H)
+            return torch.cholesky_solve((X.mT @ t.unsqueeze(-1)), L).squeeze(-1)
+        w0 = torch.zeros(X.shape[0], X.shape[-1], dtype=DT)
+        sol = lbfgs(
+            objective(kind), w0, lam, X, t, tol=1e-11, max_iter=2000, history=20, grad="unroll"
+        )
+        assert bool(sol.solved.all()), sol.status
+        return sol.y
+
+
+def reference(kind, X, t, Xv, tv, lam):
+    """Closed-form hypergradient −∇L_valᵀ H⁻¹ w per problem (dense Hessian, Cholesky)."""
+    w = forward_solve(kind, lam, X, t)
+    if kind == "ridge":
+        D = torch.ones_like(t)
+    else:
+        s = torch.sigmoid((X @ w.unsqueeze(-1)).squeeze(-1))
+        D = s * (1 - s)
+    H = X.mT @ (D.unsqueeze(-1) * X) + lam[:, None, None] * torch.eye(X.shape[-1], dtype=DT)
+    wv = w.clone().requires_grad_()
+    (gv,) = torch.autograd.grad(val_loss(kind, wv, Xv, tv), wv)
+    return -(gv * torch.cholesky_solve(w.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)).sum(
+        -1
+    )
+
+
+def smoothness(kind, X, lam):
+    L = torch.linalg.matrix_norm(X, ord=2).square() * (1.0 if kind == "ridge" else 0.25) + lam
+    return float(L.max())
+
+
+def method_fns(kind, X, t, Xv, tv):
+    gf = grad_f(kind)
+    lr = 1.0 / smoothness(kind, X, torch.ones(1, dtype=DT) * 1.5)
+
+    def implicit(lam):
+        solver = am.custom_root(gf, solve="cg")(
+            lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
+        )
+        return solver(None, lam, X, t)
+
+    def unroll(K):
+        # The strongest unrolled baseline: plain tensor ops with the gradient written out
+        # (no torch.func per step), every step tracked by autograd.
+        def run(lam):
+            w = torch.zeros(X.shape[0], X.shape[-1], dtype=DT)
+            for _ in range(K):
+                z = (X @ w.unsqueeze(-1)).squeeze(-1)
+                r = z - t if kind == "ridge" else torch.sigmoid(z) - t
+                w = w - lr * ((X.mT @ r.unsqueeze(-1)).squeeze(-1) + lam.unsqueeze(-1) * w)
+            return w
+
+        return run
+
+    fns = {"implicit": implicit, "unroll-100": unroll(100), "unroll-1000": unroll(1000)}
+    try:
+        import torchopt
+
+        solve = torchopt.linear_solve.solve_cg(rtol=1e-10, atol=0.0, maxiter=10 * X.shape[-1])
+
+        def to(lam):
+            solver = torchopt.diff.implicit.custom_root(gf, argnums=1, solve=solve)(
+                lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
+            )
+            return solver(torch.zeros(X.shape[0], X.shape[-1], dtype=DT), lam, X, t)
+
+        fns["torchopt"] = to
+    except ImportError:
+        pass
+    return fns
+
+
+def saved_bytes(fn, kind, lam, data_tensors):
+    """Bytes of the tensors the autograd graph of L_val keeps for backward beyond the problem
+    data (walking the graph from the loss; deduplicated by storage; the data X, t, Xv, tv
+    and λ exist anyway and are not counted)."""
+    data = {x.untyped_storage().data_ptr() for x in data_tensors}
+    Xv, tv = data_tensors[2], data_tensors[3]
+    loss = val_loss(kind, fn(lam), Xv, tv)
+    seen, stack, visited = {}, [loss.grad_fn], set()
+    while stack:
+        node = stack.pop()
+        if node is None or id(node) in visited:
+            continue
+        visited.add(id(node))
+        tensors = []
+        for name in dir(node):
+            if name.startswith("_saved_"):
+                try:
+                    v = getattr(node, name)
+                except Exception:  # noqa: BLE001 - some saved values cannot be unpacked twice
+                    continue
+                tensors += (
+                    [v]
+                    if isinstance(v, torch.Tensor)
+                    else [x for x in v if isinstance(x, torch.Tensor)]
+                    if isinstance(v, (tuple, list))
+                    else []
+                )
+        if hasattr(node, "saved_tensors"):
+            try:
+                tensors += [x for x in node.saved_tensors if isinstance(x, torch.Tensor)]
+            except Exception:  # noqa: BLE001
+                pass
+        for x in tensors:
+            st = x.untyped_storage()
+            if st.data_ptr() not in data:
+                seen[st.data_ptr()] = st.nbytes()
+        stack += [nf for nf, _ in node.next_functions]
+    return sum(seen.values())
+
+
+def run_once(fn, kind, lam0, Xv, tv):
+    lam = lam0.clone().requires_grad_()
+    t0 = time.perf_counter()
+    w = fn(lam)
+    loss = val_loss(kind, w, Xv, tv)
+    t1 = time.perf_counter()
+    (g,) = torch.autograd.grad(loss, lam)
+    t2 = time.perf_counter()
+    return t1 - t0, t2 - t1, g
+
+
+def memory_probe(kind, n, B, method):
+    """Peak RSS increase (MiB) of one forward+backward, in this (fresh) process."""
+    torch.set_num_threads(2)
+    X, t, Xv, tv, lam = make(kind, B, n)
+    fn = method_fns(kind, X, t, Xv, tv)[method]
+    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    run_once(fn, kind, lam, Xv, tv)
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return (peak - base) / 1024
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--B", type=int, default=64)
+    ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
+    ap.add_argument("--kinds", nargs="+", default=["ridge", "logistic"])
+    ap.add_argument("--out", default="benchmarks/implicit_results.json")
+    ap.add_argument(
+        "--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)"
+    )
+    ap.add_argument("--slow-reps", type=int, default=None, help="reps of unroll-1000 at n >= 1000")
+    ap.add_argument("--probe", nargs=3, metavar=("KIND", "N", "METHOD"))
+    args = ap.parse_args()
+    if args.probe:
+        print(json.dumps(memory_probe(args.probe[0], int(args.probe[1]), args.B, args.probe[2])))
+        return
+    torch.set_num_threads(2)
+    rows = []
+    cases = [(k, n) for k in args.kinds for n in args.sizes]
+    if args.cases:
+        cases = [(c.split(":")[0], int(c.split(":")[1])) for c in args.cases]
+    for kind, n in cases:
+        if True:
+            X, t, Xv, tv, lam = make(kind, args.B, n)
+            ref = reference(kind, X, t, Xv, tv, lam)
+            fns = method_fns(kind, X, t, Xv, tv)
+            slow = {"unroll-1000"} if n >= 1000 else set()
+            for k, fn in fns.items():  # warm-up (the slow method is warm from the others' runs)
+                if k not in slow:
+                    run_once(fn, kind, lam, Xv, tv)
+            times = {k: ([], []) for k in fns}
+            errs = {}
+            reps_of = {
+                k: args.slow_reps if k in slow and args.slow_reps else args.reps for k in fns
+            }
+            for rep in range(args.reps):  # alternate the methods
+                for k, fn in fns.items():
+                    if rep >= reps_of[k]:
+                        continue
+                    tf, tb, g = run_once(fn, kind, lam, Xv, tv)
+                    times[k][0].append(tf)
+                    times[k][1].append(tb)
+                    errs[k] = float(((g - ref).abs() / ref.abs().clamp_min(1e-300)).max())
+            for k, fn in fns.items():
+                if k in slow:  # one more 1000-step run is too long for the shared machine
+                    rows.append(
+                        {
+                            "problem": kind,
+                            "n": n,
+                            "B": args.B,
+                            "method": k,
+                            "forward_ms": 1e3 * statistics.median(times[k][0]),
+                            "backward_ms": 1e3 * statistics.median(times[k][1]),
+                            "graph_MiB": float("nan"),
+                            "peak_rss_MiB": float("nan"),
+                            "grad_rel_err": errs[k],
+                            "reps": reps_of[k],
+                        }
+                    )
+                    print(json.dumps(rows[-1]), flush=True)
+                    continue
+                rss = subprocess.run(
+                    [sys.executable, __file__, "--B", str(args.B), "--probe", kind, str(n), k],
+                    capture_output=True,
+                    text=True,
+                    check=True,
+                ).stdout
+                lam_g = lam.clone().requires_grad_()
+                rows.append(
+                    {
+                        "problem": kind,
+                        "n": n,
+                        "B": args.B,
+                        "method": k,
+                        "forward_ms": 1e3 * statistics.median(times[k][0]),
+                        "backward_ms": 1e3 * statistics.median(times[k][1]),
+                        "graph_MiB": saved_bytes(fn, kind, lam_g, (X, t, Xv, tv, lam_g)) / 2**20,
+                        "peak_rss_MiB": float(rss.strip().splitlines()[-1]),
+                        "grad_rel_err": errs[k],
+                        "reps": reps_of[k],
+                    }
+                )
+                print(json.dumps(rows[-1]), flush=True)
+    meta = {"torch": torch.__version__, "threads": torch.get_num_threads(), "reps": args.reps}
+    try:
+        import torchopt
+
+        meta["torchopt"] = torchopt.__version__
+    except ImportError:
+        meta["torchopt"] = None
+    with open(args.out + ".tmp", "w") as fh:
+        json.dump({"meta": meta, "rows": rows}, fh, indent=2)
+    import os
+
+    os.replace(args.out + ".tmp", args.out)
+    print(table(rows, meta))
+
+
+def table(rows, meta):
+    lines = [
+        f"torch {meta['torch']}, torchopt {meta['torchopt']}, {meta['threads']} threads, "
+        f"median of {meta['reps']}",
+        "",
+        "| problem | n | method | reps | forward ms | backward ms | graph MiB | peak RSS MiB "
+        "| grad rel err |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r['problem']} | {r['n']} | {r['method']} | {r.get('reps', meta['reps'])} | "
+            f"{r['forward_ms']:.1f} | "
+            f"{r['backward_ms']:.1f} | "
+            f"{r['graph_MiB']:.2f} | {r['peak_rss_MiB']:.0f} | {r['grad_rel_err']:.1e} |"
+        )
+    return "\n".join(lines)
+
+
+if __name__ == "__main__":
+    main()

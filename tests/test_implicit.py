@@ -1,0 +1,364 @@
+"""Implicit differentiation: each gradient three ways (implicit, unrolled, central finite
+differences along a random direction) plus closed forms, gradcheck and torch.func."""
+
+import numpy as np
+import pytest
+import torch
+
+import amortized as am
+from amortized.implicit import custom_fixed_point, custom_root, linear_solve
+from amortized.solvers import gradient_descent
+
+F64 = torch.float64
+
+
+def ridge_data(B=4, m=12, n=5, seed=0, dtype=F64):
+    g = torch.Generator().manual_seed(seed)
+    X = torch.randn(B, m, n, generator=g, dtype=F64)
+    t = torch.randn(B, m, generator=g, dtype=F64)
+    lam = torch.rand(B, generator=g, dtype=F64) + 0.5
+    return X.to(dtype), t.to(dtype), lam.to(dtype)
+
+
+def ridge_f(w, X, t, lam):
+    """½‖Xw − t‖² + ½λ‖w‖², per problem."""
+    return 0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(
+        -1
+    ) + 0.5 * lam * w.square().sum(-1)
+
+
+def ridge_closed_form(X, t, lam):
+    n = X.shape[-1]
+    A = X.mT @ X + lam[:, None, None] * torch.eye(n, dtype=X.dtype)
+    return torch.linalg.solve(A, (X.mT @ t.unsqueeze(-1)).squeeze(-1)), A
+
+
+def central_fd(fun, x, direction, h=1e-5):
+    return (fun(x + h * direction) - fun(x - h * direction)) / (2 * h)
+
+
+def test_ridge_hypergradient_three_ways_and_closed_form():
+    X, t, lam = ridge_data()
+    target = torch.randn(4, 5, generator=torch.Generator().manual_seed(1), dtype=F64)
+    outer = lambda w: (w - target).square().sum()
+
+    # Closed form: dw/dλ = −A⁻¹ w per problem.
+    w, A = ridge_closed_form(X, t, lam)
+    dw = -torch.linalg.solve(A, w)
+    g_closed = (2 * (w - target) * dw).sum(-1)
+
+    lam_i = lam.clone().requires_grad_()
+    sol = am.argmin(ridge_f, torch.zeros(4, 5, dtype=F64), X, t, lam_i, solver="newton")
+    assert sol.solved.all()
+    (g_impl,) = torch.autograd.grad(outer(sol.y), lam_i)
+
+    lam_u = lam.clone().requires_grad_()
+    L = torch.linalg.matrix_norm(X, ord=2).amax() ** 2 + 2
+    sol_u = gradient_descent(
+        ridge_f,
+        torch.zeros(4, 5, dtype=F64),
+        X,
+        t,
+        lam_u,
+        lr=float(1 / L),
+        max_iter=4000,
+        tol=1e-13,
+        grad="unroll",
+    )
+    (g_unroll,) = torch.autograd.grad(outer(sol_u.y), lam_u)
+
+    d = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=F64)
+    fd = central_fd(lambda l: outer(ridge_closed_form(X, t, l)[0]), lam, d)
+
+    torch.testing.assert_close(g_impl, g_closed, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(g_unroll, g_closed, rtol=1e-6, atol=1e-8)
+    torch.testing.assert_close((g_impl * d).sum(), fd, rtol=1e-7, atol=1e-9)
+
+
+def logistic_f(w, X, t, log_lam):
+    z = (X @ w.unsqueeze(-1)).squeeze(-1)
+    nll = torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none").sum(-1)
+    return nll + 0.5 * log_lam.exp() * w.square().sum(-1)
+
+
+@pytest.mark.parametrize("solver", ["newton", "lbfgs"])
+def test_logistic_regression_hypergradient_three_ways(solver):
+    g = torch.Generator().manual_seed(3)
+    B, m, n = 5, 40, 6
+    X = torch.randn(B, m, n, generator=g, dtype=F64)
+    t = (torch.rand(B, m, generator=g, dtype=F64) < 0.5).to(F64)
+    Xv = torch.randn(B, m, n, generator=g, dtype=F64)
+    tv = (torch.rand(B, m, generator=g, dtype=F64) < 0.5).to(F64)
+    log_lam = torch.randn(B, generator=g, dtype=F64) * 0.3
+
+    def val_loss(w):  # validation loss of the trained weights: the hyperparameter objective
+        z = (Xv @ w.unsqueeze(-1)).squeeze(-1)
+        return torch.nn.functional.binary_cross_entropy_with_logits(z, tv, reduction="sum")
+
+    y0 = torch.zeros(B, n, dtype=F64)
+    ll = log_lam.clone().requires_grad_()
+    sol = am.argmin(logistic_f, y0, X, t, ll, solver=solver)
+    assert sol.solved.all()
+    (g_impl,) = torch.autograd.grad(val_loss(sol.y), ll)
+
+    ll_u = log_lam.clone().requires_grad_()
+    sol_u = am.argmin(logistic_f, y0, X, t, ll_u, solver="newton", grad="unroll", tol=1e-13)
+    (g_unroll,) = torch.autograd.grad(val_loss(sol_u.y), ll_u)
+
+    def solve_tight(l):
+        return am.argmin(logistic_f, y0, X, t, l, solver="newton", tol=1e-13).y
+
+    d = torch.randn(B, generator=g, dtype=F64)
+    fd = central_fd(lambda l: val_loss(solve_tight(l)), log_lam, d, h=1e-5)
+    torch.testing.assert_close(g_impl, g_unroll, rtol=1e-6, atol=1e-9)
+    torch.testing.assert_close((g_impl * d).sum(), fd, rtol=1e-6, atol=1e-8)
+
+
+@pytest.mark.parametrize("solve", ["gmres", "neumann", "bicgstab", "direct"])
+def test_contractive_fixed_point_three_ways(solve):
+    g = torch.Generator().manual_seed(4)
+    B, n = 6, 8
+    W = torch.randn(n, n, generator=g, dtype=F64)
+    W = 0.6 * W / torch.linalg.matrix_norm(W, ord=2)  # tanh(W·) is a 0.6-contraction
+    x = torch.randn(B, n, generator=g, dtype=F64)
+    T = lambda y, W, x: torch.tanh(y @ W.T + x)
+    outer = lambda y: (y * torch.linspace(-1, 1, n, dtype=F64)).sum()
+
+    Wi, xi = W.clone().requires_grad_(), x.clone().requires_grad_()
+    sol = am.fixed_point(
+        T, torch.zeros(B, n, dtype=F64), Wi, xi, solve=solve, tol=1e-14, max_iter=200
+    )
+    assert sol.solved.all()
+    gW, gx = torch.autograd.grad(outer(sol.y), (Wi, xi))
+
+    Wu, xu = W.clone().requires_grad_(), x.clone().requires_grad_()
+    sol_u = am.fixed_point(
+        T,
+        torch.zeros(B, n, dtype=F64),
+        Wu,
+        xu,
+        solver="iteration",
+        grad="unroll",
+        tol=1e-15,
+        max_iter=200,
+    )
+    gWu, gxu = torch.autograd.grad(outer(sol_u.y), (Wu, xu))
+
+    dW = torch.randn(n, n, generator=g, dtype=F64)
+    solve_fp = lambda W_: (
+        am.fixed_point(T, torch.zeros(B, n, dtype=F64), W_, x, tol=1e-15, max_iter=300).y
+    )
+    fd = central_fd(lambda W_: outer(solve_fp(W_)), W, dW)
+    torch.testing.assert_close(gW, gWu, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close(gx, gxu, rtol=1e-8, atol=1e-10)
+    torch.testing.assert_close((gW * dW).sum(), fd, rtol=1e-7, atol=1e-9)
+
+
+def _np_ridge_solver(init, X, t, lam):
+    """A non-differentiable forward: numpy does the solve (autograd cannot see it)."""
+    Xn, tn, ln = X.detach().numpy(), t.detach().numpy(), lam.detach().numpy()
+    A = np.einsum("bmi,bmj->bij", Xn, Xn) + ln[:, None, None] * np.eye(Xn.shape[-1])
+    w = np.linalg.solve(A, np.einsum("bmi,bm->bi", Xn, tn)[..., None])[..., 0]
+    return torch.from_numpy(w)
+
+
+def _ridge_grad(w, X, t, lam):
+    return (X.mT @ ((X @ w.unsqueeze(-1)).squeeze(-1) - t).unsqueeze(-1)).squeeze(
+        -1
+    ) + lam.unsqueeze(-1) * w
+
+
+@pytest.mark.parametrize("solve", ["cg", "gmres", "bicgstab", "direct"])
+def test_non_differentiable_forward_gets_exact_gradients(solve):
+    X, t, lam = ridge_data(seed=5)
+    solver = custom_root(_ridge_grad, solve=solve, symmetric=True)(_np_ridge_solver)
+    args = [a.clone().requires_grad_() for a in (X, t, lam)]
+    w = solver(None, *args)
+    c = torch.randn_like(w)
+    grads = torch.autograd.grad((w * c).sum(), args)
+    ref_args = [a.clone().requires_grad_() for a in (X, t, lam)]
+    ref = torch.autograd.grad((ridge_closed_form(*ref_args)[0] * c).sum(), ref_args)
+    for a, b in zip(grads, ref, strict=False):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+@pytest.mark.parametrize("solve", ["cg", "gmres", "direct"])
+def test_gradcheck_custom_root(solve):
+    X, t, lam = ridge_data(B=2, m=6, n=3, seed=6)
+    solver = custom_root(_ridge_grad, solve=solve, symmetric=True)(_np_ridge_solver)
+    args = tuple(a.clone().requires_grad_() for a in (X, t, lam))
+    assert torch.autograd.gradcheck(lambda *a: solver(None, *a), args)
+
+
+def test_gradcheck_custom_fixed_point_neumann():
+    g = torch.Generator().manual_seed(7)
+    W = 0.5 * torch.randn(3, 3, generator=g, dtype=F64) / 3
+    x = torch.randn(2, 3, generator=g, dtype=F64)
+    T = lambda y, W, x: torch.tanh(y @ W.T + x)
+
+    @custom_fixed_point(T, solve="neumann")
+    def solver(y0, W, x):
+        y = y0
+        for _ in range(200):
+            y = T(y, W, x)
+        return y
+
+    args = (W.requires_grad_(), x.requires_grad_())
+    assert torch.autograd.gradcheck(lambda *a: solver(torch.zeros(2, 3, dtype=F64), *a), args)
+
+
+def test_torch_func_grad_vmap_jacrev_through_decorated_solver():
+    X, t, lam = ridge_data(seed=8)
+    solver = custom_root(_ridge_grad, solve="cg")(_np_ridge_solver)
+    loss = lambda l: solver(None, X, t, l).square().sum()
+    ref_loss = lambda l: ridge_closed_form(X, t, l)[0].square().sum()
+
+    torch.testing.assert_close(torch.func.grad(loss)(lam), torch.func.grad(ref_loss)(lam))
+    lams = lam + torch.rand(3, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
+    torch.testing.assert_close(
+        torch.func.vmap(loss)(lams), torch.stack([ref_loss(l) for l in lams])
+    )
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(loss))(lams),
+        torch.stack([torch.func.grad(ref_loss)(l) for l in lams]),
+    )
+    jac = torch.func.jacrev(lambda l: solver(None, X, t, l))(lam)
+    jac_ref = torch.func.jacrev(lambda l: ridge_closed_form(X, t, l)[0])(lam)
+    torch.testing.assert_close(jac, jac_ref)
+
+
+def test_torch_func_grad_through_argmin():
+    X, t, lam = ridge_data(seed=10)
+    loss = lambda l: am.argmin(
+        ridge_f, torch.zeros(4, 5, dtype=F64), X, t, l, solver="newton"
+    ).y.sum()
+    ref = lambda l: ridge_closed_form(X, t, l)[0].sum()
+    torch.testing.assert_close(
+        torch.func.grad(loss)(lam), torch.func.grad(ref)(lam), rtol=1e-8, atol=1e-10
+    )
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_float32_and_float64_accuracy(dtype):
+    X, t, lam = ridge_data(seed=11, dtype=dtype)
+    lam = lam.clone().requires_grad_()
+    sol = am.argmin(ridge_f, torch.zeros(4, 5, dtype=dtype), X, t, lam, solver="lbfgs")
+    assert sol.y.dtype == dtype and sol.solved.all()
+    (g,) = torch.autograd.grad(sol.y.sum(), lam)
+    X64, t64, l64 = (a.detach().double() for a in (X, t, lam))
+    l64.requires_grad_()
+    (g_ref,) = torch.autograd.grad(ridge_closed_form(X64, t64, l64)[0].sum(), l64)
+    tol = 1e-3 if dtype == torch.float32 else 1e-8
+    torch.testing.assert_close(g.double(), g_ref, rtol=tol, atol=tol)
+
+
+def test_implicit_root_with_refinement_matches_exact_solve():
+    """implicit_root with an approximate structured solve (the QP pattern) is corrected by
+    iterative refinement against the exact Jacobian."""
+    X, t, lam = ridge_data(seed=12)
+    w = ridge_closed_form(X, t, lam)[0]
+    _, A = ridge_closed_form(X, t, lam)
+    approx = torch.linalg.inv(A) * (1 + 1e-3)  # a slightly wrong factorization
+
+    lam_r = lam.clone().requires_grad_()
+    F = lambda w_, X_, t_, l_: (_ridge_grad(w_, X_, t_, l_),)
+    solve_T = lambda v: ((approx @ v[0].unsqueeze(-1)).squeeze(-1),)
+    (wr,) = am.implicit.implicit_root(F, solve_T, (w,), (X, t, lam_r), refine=3)
+    (g,) = torch.autograd.grad(wr.sum(), lam_r)
+    lam_c = lam.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ridge_closed_form(X, t, lam_c)[0].sum(), lam_c)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
+def test_bad_input_errors():
+    X, t, lam = ridge_data()
+    with pytest.raises(ValueError, match="unknown linear solve"):
+        custom_root(_ridge_grad, solve="lu")
+    with pytest.raises(TypeError, match="solve must be"):
+        custom_root(_ridge_grad, solve=3)
+    with pytest.raises(ValueError, match="unknown solver"):
+        am.argmin(ridge_f, torch.zeros(4, 5, dtype=F64), X, t, lam, solver="bfgs")
+    with pytest.raises(ValueError, match="grad must be one of"):
+        am.argmin(ridge_f, torch.zeros(4, 5, dtype=F64), X, t, lam, grad="backprop")
+    with pytest.raises(ValueError, match=r"y0 must be a \(B, n\)"):
+        am.argmin(ridge_f, torch.zeros(5, dtype=F64), X, t, lam)
+    with pytest.raises(ValueError, match="one value per problem"):
+        am.argmin(lambda w, *a: ridge_f(w, *a).sum(), torch.zeros(4, 5, dtype=F64), X, t, lam)
+
+
+def test_linear_solve_failure_warns_and_zeroes_nonfinite_rows():
+    X, t, lam = ridge_data(seed=13)
+
+    def broken(matvec, r):  # a user solve that fails on problem 1
+        x = r.clone()
+        x[1] = float("nan")
+        return x
+
+    solver = custom_root(_ridge_grad, solve=broken)(_np_ridge_solver)
+    lam_r = lam.clone().requires_grad_()
+    with pytest.warns(RuntimeWarning, match=r"did not converge for problems \[1\]"):
+        (g,) = torch.autograd.grad(solver(None, X, t, lam_r).sum(), lam_r)
+    assert torch.isfinite(g).all() and g[1] == 0
+
+
+@pytest.mark.parametrize("name", ["cg", "gmres", "bicgstab", "direct"])
+def test_batched_linear_solvers_match_dense_solve(name):
+    g = torch.Generator().manual_seed(14)
+    B, N = 6, 40
+    M = torch.randn(B, N, N, generator=g, dtype=F64)
+    A = (
+        M @ M.mT / N + torch.eye(N, dtype=F64)
+        if name == "cg"
+        else torch.eye(N, dtype=F64) * 3 + M / N**0.5
+    )
+    r = torch.randn(B, N, generator=g, dtype=F64)
+    kwargs = {"symmetric": False} if name == "direct" else {}
+    x, ok = linear_solve.SOLVERS[name](lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r, **kwargs)
+    assert ok.all()
+    ref = torch.stack([torch.linalg.solve(A[b], r[b]) for b in range(B)])
+    torch.testing.assert_close(x, ref, rtol=1e-8, atol=1e-9)
+
+
+def test_neumann_matches_dense_solve_for_contraction():
+    g = torch.Generator().manual_seed(15)
+    B, N = 4, 20
+    J = torch.randn(B, N, N, generator=g, dtype=F64)
+    J = 0.5 * J / torch.linalg.matrix_norm(J, ord=2)[:, None, None]
+    A = torch.eye(N, dtype=F64) - J
+    r = torch.randn(B, N, generator=g, dtype=F64)
+    x, ok = linear_solve.neumann(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r)
+    assert ok.all()
+    torch.testing.assert_close(
+        x, torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1), rtol=1e-8, atol=1e-9
+    )
+
+
+def test_cg_reports_indefinite_matrix_as_not_converged():
+    A = torch.diag_embed(torch.tensor([[1.0, 2.0, 3.0], [1.0, -2.0, 3.0]], dtype=F64))
+    r = torch.ones(2, 3, dtype=F64)
+    _, ok = linear_solve.cg(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r)
+    assert ok.tolist() == [True, False]
+
+
+def test_tuple_solution_and_aux():
+    """A solver returning a tuple of blocks and an aux value (here a per-problem status)."""
+    X, t, lam = ridge_data(seed=16)
+
+    def optimality(ys, X, t, lam):
+        w, r = ys  # r = Xw − t is a second block of unknowns
+        return _ridge_grad(w, X, t, lam), r - ((X @ w.unsqueeze(-1)).squeeze(-1) - t)
+
+    @custom_root(optimality, solve="gmres", has_aux=True)
+    def solver(init, X, t, lam):
+        w = _np_ridge_solver(init, X, t, lam)
+        return (w, (X @ w.unsqueeze(-1)).squeeze(-1) - t), torch.zeros(X.shape[0], dtype=torch.long)
+
+    lam_r = lam.clone().requires_grad_()
+    (w, r), aux = solver(None, X, t, lam_r)
+    assert aux.tolist() == [0, 0, 0, 0]
+    (g,) = torch.autograd.grad(w.sum() + r.square().sum(), lam_r)
+    lam_c = lam.clone().requires_grad_()
+    wc = ridge_closed_form(X, t, lam_c)[0]
+    rc = (X @ wc.unsqueeze(-1)).squeeze(-1) - t
+    (g_ref,) = torch.autograd.grad(wc.sum() + rc.square().sum(), lam_c)
+    torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
