@@ -20,7 +20,7 @@ def test_gradcheck_all_arguments_and_duals():
 
 def test_gradcheck_box_and_equality_only():
     Q, p, G, h, _, _ = FAMILIES["box"](2, torch.float64, torch.Generator().manual_seed(1))
-    n = 6
+    n = 4
     Q, p, G, h = (
         Q[:, :n, :n],
         p[:, :n],

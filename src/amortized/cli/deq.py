@@ -200,33 +200,33 @@ def deq(
 
 
 def deq_step(out: Path, progress: Progress, seed: int) -> list[dict]:
-    """Demo step: 6 epochs of the digits DEQ, accuracy and fixed-point convergence."""
+    """Demo step: 8 epochs of the digits DEQ, accuracy and fixed-point convergence."""
     t = time.perf_counter()
-    model, results = train_deq(6, 48, seed, progress=progress)
+    model, results = train_deq(8, 64, seed, progress=progress)
     save_outputs(model, results, out / "deq")
     last = results["epochs"][-1]
     return [
         {
-            "case": "digits, 6 epochs",
+            "case": "digits, 8 epochs",
             "metric": "test accuracy",
             "value": f"{last['test_accuracy']:.3f}",
             "target": ">= 0.90",
             "ok": last["test_accuracy"] >= 0.90,
         },
         {
-            "case": "digits, 6 epochs",
+            "case": "digits, 8 epochs",
             "metric": "test fixed points solved (tol 1e-4)",
             "value": f"{last['test_solved_fraction']:.2f}",
             "target": ">= 0.99",
             "ok": last["test_solved_fraction"] >= 0.99,
         },
         {
-            "case": "digits, 6 epochs",
+            "case": "digits, 8 epochs",
             "metric": "mean Anderson iterations",
             "value": f"{last['mean_forward_iters']:.1f}",
         },
         {
-            "case": "digits, 6 epochs",
+            "case": "digits, 8 epochs",
             "metric": "train time",
             "value": f"{time.perf_counter() - t:.1f} s",
         },
