@@ -56,9 +56,7 @@ def make(kind: str, B: int, n: int, m: int = 200, seed: int = 0):
 def loss_terms(kind):
     if kind == "ridge":
         return lambda z, t: 0.5 * (z - t).square().sum(-1)
-    return lambda z, t: torch.nn.functional.binary_cross_entropy_with_logits(
-        z, t, reduction="none"
-    ).sum(-1)
+    return lambda z, t: torch.nn.functional.binary_cross_entropy_with_logits(z, t, reduction="none").sum(-1)
 
 
 def objective(kind):
@@ -87,9 +85,7 @@ def forward_solve(kind, lam, X, t):
             L = torch.linalg.cholesky(H)
             return torch.cholesky_solve((X.mT @ t.unsqueeze(-1)), L).squeeze(-1)
         w0 = torch.zeros(X.shape[0], X.shape[-1], dtype=DT)
-        sol = lbfgs(
-            objective(kind), w0, lam, X, t, tol=1e-11, max_iter=2000, history=20, grad="unroll"
-        )
+        sol = lbfgs(objective(kind), w0, lam, X, t, tol=1e-11, max_iter=2000, history=20, grad="unroll")
         assert bool(sol.solved.all()), sol.status
         return sol.y
 
@@ -105,9 +101,7 @@ def reference(kind, X, t, Xv, tv, lam):
     H = X.mT @ (D.unsqueeze(-1) * X) + lam[:, None, None] * torch.eye(X.shape[-1], dtype=DT)
     wv = w.clone().requires_grad_()
     (gv,) = torch.autograd.grad(val_loss(kind, wv, Xv, tv), wv)
-    return -(gv * torch.cholesky_solve(w.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)).sum(
-        -1
-    )
+    return -(gv * torch.cholesky_solve(w.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)).sum(-1)
 
 
 def smoothness(kind, X, lam):
@@ -120,9 +114,7 @@ def method_fns(kind, X, t, Xv, tv):
     lr = 1.0 / smoothness(kind, X, torch.ones(1, dtype=DT) * 1.5)
 
     def implicit(lam):
-        solver = am.custom_root(gf, solve="cg")(
-            lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
-        )
+        solver = am.custom_root(gf, solve="cg")(lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_))
         return solver(None, lam, X, t)
 
     def unroll(K):
@@ -225,9 +217,7 @@ def main():
     ap.add_argument("--sizes", type=int, nargs="+", default=[100, 1000])
     ap.add_argument("--kinds", nargs="+", default=["ridge", "logistic"])
     ap.add_argument("--out", default="benchmarks/implicit_results.json")
-    ap.add_argument(
-        "--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)"
-    )
+    ap.add_argument("--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)")
     ap.add_argument("--slow-reps", type=int, default=None, help="reps of unroll-1000 at n >= 1000")
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "N", "METHOD"))
     args = ap.parse_args()
@@ -250,9 +240,7 @@ def main():
                     run_once(fn, kind, lam, Xv, tv)
             times = {k: ([], []) for k in fns}
             errs = {}
-            reps_of = {
-                k: args.slow_reps if k in slow and args.slow_reps else args.reps for k in fns
-            }
+            reps_of = {k: args.slow_reps if k in slow and args.slow_reps else args.reps for k in fns}
             for rep in range(args.reps):  # alternate the methods
                 for k, fn in fns.items():
                     if rep >= reps_of[k]:

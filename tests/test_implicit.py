@@ -6,7 +6,8 @@ import pytest
 import torch
 
 import amortized as am
-from amortized.implicit import custom_fixed_point, custom_root, linear_solve
+from amortized.implicit import custom_fixed_point, custom_root
+from amortized.linalg import linear_solve
 from amortized.solvers import gradient_descent
 
 F64 = torch.float64
@@ -22,9 +23,7 @@ def ridge_data(B=4, m=12, n=5, seed=0, dtype=F64):
 
 def ridge_f(w, X, t, lam):
     """½‖Xw − t‖² + ½λ‖w‖², per problem."""
-    return 0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(
-        -1
-    ) + 0.5 * lam * w.square().sum(-1)
+    return 0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(-1) + 0.5 * lam * w.square().sum(-1)
 
 
 def ridge_closed_form(X, t, lam):
@@ -125,9 +124,7 @@ def test_contractive_fixed_point_three_ways(solve):
     outer = lambda y: (y * torch.linspace(-1, 1, n, dtype=F64)).sum()
 
     Wi, xi = W.clone().requires_grad_(), x.clone().requires_grad_()
-    sol = am.fixed_point(
-        T, torch.zeros(B, n, dtype=F64), Wi, xi, solve=solve, tol=1e-14, max_iter=200
-    )
+    sol = am.fixed_point(T, torch.zeros(B, n, dtype=F64), Wi, xi, solve=solve, tol=1e-14, max_iter=200)
     assert sol.solved.all()
     gW, gx = torch.autograd.grad(outer(sol.y), (Wi, xi))
 
@@ -145,9 +142,7 @@ def test_contractive_fixed_point_three_ways(solve):
     gWu, gxu = torch.autograd.grad(outer(sol_u.y), (Wu, xu))
 
     dW = torch.randn(n, n, generator=g, dtype=F64)
-    solve_fp = lambda W_: (
-        am.fixed_point(T, torch.zeros(B, n, dtype=F64), W_, x, tol=1e-15, max_iter=300).y
-    )
+    solve_fp = lambda W_: am.fixed_point(T, torch.zeros(B, n, dtype=F64), W_, x, tol=1e-15, max_iter=300).y
     fd = central_fd(lambda W_: outer(solve_fp(W_)), W, dW)
     torch.testing.assert_close(gW, gWu, rtol=1e-8, atol=1e-10)
     torch.testing.assert_close(gx, gxu, rtol=1e-8, atol=1e-10)
@@ -163,9 +158,7 @@ def _np_ridge_solver(init, X, t, lam):
 
 
 def _ridge_grad(w, X, t, lam):
-    return (X.mT @ ((X @ w.unsqueeze(-1)).squeeze(-1) - t).unsqueeze(-1)).squeeze(
-        -1
-    ) + lam.unsqueeze(-1) * w
+    return (X.mT @ ((X @ w.unsqueeze(-1)).squeeze(-1) - t).unsqueeze(-1)).squeeze(-1) + lam.unsqueeze(-1) * w
 
 
 @pytest.mark.parametrize("solve", ["cg", "gmres", "bicgstab", "direct"])
@@ -215,9 +208,7 @@ def test_torch_func_grad_vmap_jacrev_through_decorated_solver():
 
     torch.testing.assert_close(torch.func.grad(loss)(lam), torch.func.grad(ref_loss)(lam))
     lams = lam + torch.rand(3, 4, generator=torch.Generator().manual_seed(9), dtype=F64)
-    torch.testing.assert_close(
-        torch.func.vmap(loss)(lams), torch.stack([ref_loss(l) for l in lams])
-    )
+    torch.testing.assert_close(torch.func.vmap(loss)(lams), torch.stack([ref_loss(l) for l in lams]))
     torch.testing.assert_close(
         torch.func.vmap(torch.func.grad(loss))(lams),
         torch.stack([torch.func.grad(ref_loss)(l) for l in lams]),
@@ -229,13 +220,9 @@ def test_torch_func_grad_vmap_jacrev_through_decorated_solver():
 
 def test_torch_func_grad_through_argmin():
     X, t, lam = ridge_data(seed=10)
-    loss = lambda l: am.argmin(
-        ridge_f, torch.zeros(4, 5, dtype=F64), X, t, l, solver="newton"
-    ).y.sum()
+    loss = lambda l: am.argmin(ridge_f, torch.zeros(4, 5, dtype=F64), X, t, l, solver="newton").y.sum()
     ref = lambda l: ridge_closed_form(X, t, l)[0].sum()
-    torch.testing.assert_close(
-        torch.func.grad(loss)(lam), torch.func.grad(ref)(lam), rtol=1e-8, atol=1e-10
-    )
+    torch.testing.assert_close(torch.func.grad(loss)(lam), torch.func.grad(ref)(lam), rtol=1e-8, atol=1e-10)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
@@ -306,11 +293,7 @@ def test_batched_linear_solvers_match_dense_solve(name):
     g = torch.Generator().manual_seed(14)
     B, N = 6, 40
     M = torch.randn(B, N, N, generator=g, dtype=F64)
-    A = (
-        M @ M.mT / N + torch.eye(N, dtype=F64)
-        if name == "cg"
-        else torch.eye(N, dtype=F64) * 3 + M / N**0.5
-    )
+    A = M @ M.mT / N + torch.eye(N, dtype=F64) if name == "cg" else torch.eye(N, dtype=F64) * 3 + M / N**0.5
     r = torch.randn(B, N, generator=g, dtype=F64)
     kwargs = {"symmetric": False} if name == "direct" else {}
     x, ok = linear_solve.SOLVERS[name](lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r, **kwargs)
@@ -328,9 +311,7 @@ def test_neumann_matches_dense_solve_for_contraction():
     r = torch.randn(B, N, generator=g, dtype=F64)
     x, ok = linear_solve.neumann(lambda v: (A @ v.unsqueeze(-1)).squeeze(-1), r)
     assert ok.all()
-    torch.testing.assert_close(
-        x, torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1), rtol=1e-8, atol=1e-9
-    )
+    torch.testing.assert_close(x, torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1), rtol=1e-8, atol=1e-9)
 
 
 def test_cg_reports_indefinite_matrix_as_not_converged():

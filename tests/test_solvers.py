@@ -84,18 +84,14 @@ def test_per_problem_masks_and_numerical_status():
     assert sol.status[2] == am.SolverStatus.NUMERICAL
     good = [0, 1, 3, 4, 5]
     assert (sol.status[good] == am.SolverStatus.SOLVED).all()
-    alone = am.argmin(
-        logistic_f, torch.zeros(5, 5, dtype=F64), X[good], t[good], lam[good], solver="newton"
-    )
+    alone = am.argmin(logistic_f, torch.zeros(5, 5, dtype=F64), X[good], t[good], lam[good], solver="newton")
     torch.testing.assert_close(sol.y[good], alone.y)
     torch.testing.assert_close(sol.iters[good], alone.iters)
 
 
 def test_max_iter_status_and_message():
     X, t, lam = logistic_problem()
-    sol = solvers.gradient_descent(
-        logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam, lr=1e-3, max_iter=3
-    )
+    sol = solvers.gradient_descent(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam, lr=1e-3, max_iter=3)
     assert (sol.status == am.SolverStatus.MAX_ITER).all() and (sol.iters == 3).all()
     assert "max_iter" in am.SolverStatus.MAX_ITER.message
 
@@ -157,9 +153,7 @@ def test_truncated_mode_differs_from_implicit_and_approaches_it():
     errs = []
     for K in (1, 5, 20):
         ck = c.clone().requires_grad_()
-        y = am.fixed_point(
-            T, torch.zeros_like(c), M, ck, solver="iteration", grad="truncated", truncate=K
-        ).y
+        y = am.fixed_point(T, torch.zeros_like(c), M, ck, solver="iteration", grad="truncated", truncate=K).y
         (g,) = torch.autograd.grad(y.sum(), ck)
         errs.append(float((g - g_imp).abs().max()))
     assert errs[0] > errs[1] > errs[2]

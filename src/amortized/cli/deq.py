@@ -177,9 +177,9 @@ def _write_json(path: Path, obj) -> None:
 
 @app.callback(invoke_without_command=True)
 def deq(
-    out: Annotated[
-        Path, typer.Option(help="Folder for results.json, weights and the plot.")
-    ] = Path("deq-out"),
+    out: Annotated[Path, typer.Option(help="Folder for results.json, weights and the plot.")] = Path(
+        "deq-out"
+    ),
     epochs: Annotated[int, typer.Option(min=1, help="Training epochs.")] = 15,
     hidden: Annotated[int, typer.Option(min=1, help="Fixed-point state size.")] = 64,
     seed: Annotated[int, typer.Option(help="Random seed.")] = 0,

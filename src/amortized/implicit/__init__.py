@@ -1,12 +1,12 @@
 """Implicit differentiation of solutions defined by optimality conditions F(y, θ) = 0."""
 
-from amortized.implicit import linear_solve
 from amortized.implicit.root import (
     custom_fixed_point,
     custom_root,
     implicit_root,
     make_transpose_solve,
 )
+from amortized.linalg import linear_solve
 
 __all__ = [
     "custom_fixed_point",

@@ -28,7 +28,7 @@ from collections.abc import Callable, Sequence
 import torch
 from torch import Tensor
 
-from amortized.implicit import linear_solve as ls
+from amortized.linalg import linear_solve as ls
 
 Tensors = tuple[Tensor, ...]
 # (matvec: tuple -> tuple, v: tuple) -> u with (∂F/∂y)ᵀ u = v
@@ -162,8 +162,7 @@ def make_transpose_solve(
     if isinstance(solve, str):
         if solve not in ls.SOLVERS:
             raise ValueError(
-                f"unknown linear solve {solve!r}; choose from {sorted(ls.SOLVERS)} "
-                "or pass a callable"
+                f"unknown linear solve {solve!r}; choose from {sorted(ls.SOLVERS)} or pass a callable"
             )
         fn = ls.SOLVERS[solve]
         kwargs: dict = {"rtol": rtol, "max_iter": max_iter}

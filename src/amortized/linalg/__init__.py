@@ -1,4 +1,5 @@
-"""Batched dense linear algebra: Cholesky with failure flags and block elimination of KKT systems."""
+"""Batched linear algebra: Cholesky with failure flags, block elimination of KKT systems, and
+matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit backward passes."""
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve
 from amortized.linalg.kkt import SaddleFactor, factor_saddle

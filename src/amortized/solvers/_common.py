@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from amortized.implicit import custom_root
-from amortized.implicit.linear_solve import any_true, materialize
+from amortized.linalg.linear_solve import any_true, materialize
 
 GRAD_MODES = ("implicit", "unroll", "truncated")
 
@@ -68,9 +68,7 @@ def default_tol(dtype: torch.dtype) -> float:
     return float(torch.finfo(dtype).eps ** 0.6)
 
 
-def value_and_grad(
-    f: Callable[..., Tensor], params: tuple
-) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
+def value_and_grad(f: Callable[..., Tensor], params: tuple) -> Callable[[Tensor], tuple[Tensor, Tensor]]:
     """y ↦ (f(y) (B,), ∇_y f(y) (B, n)) for a batched objective f(y, *params) -> (B,).
 
     Rows are independent, so the gradient of the batch sum is the batch of gradients.
@@ -205,9 +203,7 @@ def drive(
                 state["res"] = torch.where(bad, prev["res"], state["res"])
                 numerical = numerical | bad
             iters = iters + active.long()
-            state["active"] = (
-                active & ~bad & (state["res"] > tol) & ~state.get("failed", bad & False)
-            )
+            state["active"] = active & ~bad & (state["res"] > tol) & ~state.get("failed", bad & False)
             hist.append(state["res"].detach())
             if callback is not None:
                 callback(k, state["y"].detach(), state["res"].detach())
@@ -232,9 +228,7 @@ def drive(
     if grad == "implicit":
         optimality = gradient_fn(fn) if kind == "min" else (lambda y, *ps: y - fn(y, *ps))
         default = "cg" if kind == "min" else "gmres"
-        y = custom_root(optimality, solve=solve or default, symmetric=kind == "min")(loop)(
-            y0, *params
-        )
+        y = custom_root(optimality, solve=solve or default, symmetric=kind == "min")(loop)(y0, *params)
     elif grad == "unroll":
         y = loop(y0, *params)
     else:

@@ -26,9 +26,7 @@ FIXED_POINT_SOLVERS: dict[str, Callable[..., SolverSolution]] = {
 }
 
 
-def argmin(
-    f: Callable[..., Tensor], y0: Tensor, *params, solver: str = "lbfgs", **options
-) -> SolverSolution:
+def argmin(f: Callable[..., Tensor], y0: Tensor, *params, solver: str = "lbfgs", **options) -> SolverSolution:
     """y*(θ) = argmin_y f(y, θ) for B independent smooth unconstrained problems.
 
     f(y (B, n), *params) -> (B,); row b depends only on problem b; params batched or shared

@@ -56,8 +56,7 @@ def broyden(
         den = (vT * dg).sum(-1, keepdim=True)
         ok = act & (
             den.abs()
-            > torch.finfo(y.dtype).eps
-            * (vT.norm(dim=-1, keepdim=True) * dg.norm(dim=-1, keepdim=True))
+            > torch.finfo(y.dtype).eps * (vT.norm(dim=-1, keepdim=True) * dg.norm(dim=-1, keepdim=True))
         )
         u = torch.where(ok, (dx - Jdg) / torch.where(ok, den, torch.ones_like(den)), 0.0)
         U, V = s["U"] + [u], s["V"] + [torch.where(ok, vT, 0.0)]

@@ -69,9 +69,7 @@ def lbfgs(
         v, g = value_and_grad(f, ps)(y)
         sk, yk = y - s["y"], g - s["g"]
         sy = (sk * yk).sum(-1)
-        valid = a.squeeze(-1) & (
-            sy > torch.finfo(y.dtype).eps * (sk.norm(dim=-1) * yk.norm(dim=-1))
-        )
+        valid = a.squeeze(-1) & (sy > torch.finfo(y.dtype).eps * (sk.norm(dim=-1) * yk.norm(dim=-1)))
         S, Y, V = (
             (s["S"] + [sk])[-history:],
             (s["Y"] + [yk])[-history:],

@@ -5,7 +5,7 @@ from collections.abc import Callable
 import torch
 from torch import Tensor
 
-from amortized.implicit.linear_solve import any_true
+from amortized.linalg.linear_solve import any_true
 from amortized.solvers._common import (
     SolverSolution,
     _inf_norm,
@@ -27,9 +27,7 @@ def _damped_newton_direction(H: Tensor, g: Tensor) -> Tensor:
     for k in range(12):
         L, info = torch.linalg.cholesky_ex(H + mu[:, None, None] * eye)
         ok = todo & (info == 0)
-        d_k = -torch.cholesky_solve(
-            g.unsqueeze(-1), torch.where(ok[:, None, None], L, eye)
-        ).squeeze(-1)
+        d_k = -torch.cholesky_solve(g.unsqueeze(-1), torch.where(ok[:, None, None], L, eye)).squeeze(-1)
         d = torch.where(ok.unsqueeze(-1), d_k, d)
         todo = todo & ~ok
         if not any_true(todo):

@@ -185,9 +185,7 @@ def gmres(
                 h.append(hij)
                 w = w - hij.unsqueeze(-1) * V[i]
             hn = w.norm(dim=-1)
-            V.append(
-                torch.where(hn.unsqueeze(-1) > tiny, w / hn.clamp_min(tiny).unsqueeze(-1), 0.0)
-            )
+            V.append(torch.where(hn.unsqueeze(-1) > tiny, w / hn.clamp_min(tiny).unsqueeze(-1), 0.0))
             for i in range(j):  # previous rotations
                 h[i], h[i + 1] = cs[i] * h[i] + sn[i] * h[i + 1], -sn[i] * h[i] + cs[i] * h[i + 1]
             den = torch.hypot(h[j], hn)
