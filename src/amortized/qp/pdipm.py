@@ -186,7 +186,7 @@ def pdipm(
     base: DualBase | None = dual_base(d, rho) if use_dual else None
     kkt_args = {"rho": rho, "delta": delta, "base": base}
     # Newton directions need not be exact (convergence is judged on true residuals)
-    refine = 0 if dtype == torch.float64 else 2
+    refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
     # the polish takes over from a loose tolerance: the interior point method need not
     # push λ/s to the extremes where its systems lose accuracy
