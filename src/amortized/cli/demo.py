@@ -61,5 +61,5 @@ def demo(
     tmp.write_text(json.dumps(results, indent=2))
     tmp.replace(path)
     console.print(f"results written to {path}")
-    if not all(r.get("ok", True) for _, r in rows):
+    if any(r.get("ok") is False for _, r in rows):
         raise typer.Exit(1)
