@@ -8,6 +8,7 @@ row of (G, h). Reading the .mat files needs scipy.
 """
 
 import json
+import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,7 +16,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
-DATA = Path(__file__).resolve().parents[3].parent / "shared" / "data" / "maros_meszaros"
+# the checkout's ../shared (as laid out for developers and CI), or $AMORTIZED_MAROS_MESZAROS
+DATA = Path(
+    os.environ.get(
+        "AMORTIZED_MAROS_MESZAROS",
+        Path(__file__).resolve().parents[3].parent / "shared" / "data" / "maros_meszaros",
+    )
+)
 INF = 9e19
 
 
@@ -37,7 +44,9 @@ class MarosMeszaros:
 
 def data_dir() -> Path:
     if not DATA.is_dir():
-        raise FileNotFoundError(f"Maros–Meszaros data not found at {DATA}")
+        raise FileNotFoundError(
+            f"Maros–Meszaros data not found at {DATA}; set AMORTIZED_MAROS_MESZAROS to its folder"
+        )
     return DATA
 
 
