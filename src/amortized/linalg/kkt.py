@@ -27,15 +27,28 @@ class SaddleFactor:
     L_S: Tensor
     ok: Tensor
 
-    def solve(self, r1: Tensor, r2: Tensor) -> tuple[Tensor, Tensor]:
-        """x (B, n), y (B, k) of the regularized system for right-hand sides r1, r2."""
-        x = cholesky_solve(self.L_H, r1)
+    def prepare(self, r1: Tensor) -> tuple[Tensor, Tensor]:
+        """H⁻¹r1 and C H⁻¹r1, the part of a solve that depends on r1 alone (so several
+        right-hand sides r2 with one r1 share it)."""
+        x0 = cholesky_solve(self.L_H, r1)
+        return x0, (r1.unsqueeze(-2) @ self.HinvCt).squeeze(-2)  # H⁻¹ is symmetric
+
+    def solve(
+        self,
+        r1: Tensor,
+        r2: Tensor,
+        prepared: tuple[Tensor, Tensor] | None = None,
+        keep: Tensor | None = None,
+    ) -> tuple[Tensor, Tensor]:
+        """x (B, n), y (B, k) of the regularized system for right-hand sides r1, r2.
+        `prepared` = self.prepare(r1) if already computed; `keep` (B, k) bool zeroes y on
+        rows that are left out of the system."""
+        x0, CHr = self.prepare(r1) if prepared is None else prepared
         if r2.shape[-1] == 0:
-            return x, r2
-        CHr = (r1.unsqueeze(-2) @ self.HinvCt).squeeze(-2)  # C H⁻¹ r1, as H⁻¹ is symmetric
-        y = cholesky_solve(self.L_S, CHr - r2)
-        x = x - (self.HinvCt @ y.unsqueeze(-1)).squeeze(-1)
-        return x, y
+            return x0, r2
+        rhs = CHr - r2
+        y = cholesky_solve(self.L_S, rhs if keep is None else rhs * keep)
+        return x0 - (self.HinvCt @ y.unsqueeze(-1)).squeeze(-1), y
 
 
 def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor) -> SaddleFactor:

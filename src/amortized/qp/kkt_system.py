@@ -25,7 +25,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortized.linalg import cholesky, cholesky_solve, factor_saddle
+from amortized.linalg import SaddleFactor, cholesky, cholesky_solve, factor_saddle
 from amortized.qp.problem import QPData
 
 
@@ -117,11 +117,12 @@ class KKT:
         for _ in range(3):
             floor = delta + boost * scale
             Sd.copy_(M_diag + torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1))
-            self.L_S, ok = cholesky(S)
+            L_S, ok = cholesky(S)
             if bool(ok.all()):
                 break
             boost = torch.where(ok.unsqueeze(-1), boost, boost * 30 * S.shape[-1])
-        self.ok = ok & base.ok
+        self.factor = SaddleFactor(base.L_H, base.HinvCt, L_S, ok & base.ok)
+        self.ok = self.factor.ok
 
     def _factor_primal(self, rho: float, delta: float) -> None:
         d, D = self.d, self.D
@@ -157,14 +158,11 @@ class KKT:
         if self.active_set:
             r_i = torch.where(self.absent, 0.0, r_i)
         if self.base is not None:
-            b = self.base
             if r1 is not self._r1:  # predictor and corrector share r1: reuse H⁻¹r1, C H⁻¹r1
-                self._r1, self._x0 = r1, cholesky_solve(b.L_H, r1)
-                self._CHr = (r1.unsqueeze(-2) @ b.HinvCt).squeeze(-2)
-            x0 = self._x0
-            rhs = self._CHr - torch.cat([r_i, r_e], -1)  # C H⁻¹ r1 − r2
-            y = cholesky_solve(self.L_S, rhs * self.keep if self.active_set else rhs)
-            return x0 - mv(b.HinvCt, y), y[..., :m], y[..., m:]
+                self._r1, self._prepared = r1, self.factor.prepare(r1)
+            keep = self.keep if self.active_set else None
+            x, y = self.factor.solve(r1, torch.cat([r_i, r_e], -1), self._prepared, keep)
+            return x, y[..., :m], y[..., m:]
         r1 = r1 + rmv(self.d.G, self.W * r_i)
         if self.active_set:
             x, y = self.factor.solve(r1, torch.cat([r_i * self.hard, r_e], -1))

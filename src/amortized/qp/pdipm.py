@@ -105,10 +105,6 @@ class Residuals:
         ).amax(0)
 
 
-def residuals(d: QPData, it: Iterate) -> Residuals:
-    return Residuals(d, it)
-
-
 def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> Iterate:
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
@@ -205,7 +201,7 @@ def pdipm(
     w = _Work(d, kkt_args, it, active.clone(), status, iters, tried)
 
     for k in range(max_iter + 1):
-        res = residuals(w.d, w.it)
+        res = Residuals(w.d, w.it)
         if k % check_every == 0 or k == max_iter:
             rel = res.relative()
             if eps_polish > eps:
@@ -218,7 +214,7 @@ def pdipm(
                     polished[idx[done]] = True
                     w.status = torch.where(done, SOLVED, w.status)
                     w.running = w.running & ~done
-                    res = residuals(w.d, w.it)
+                    res = Residuals(w.d, w.it)
                     rel = res.relative()
             converged = rel <= eps
             farkas = (w.d.h * w.it.lam).sum(-1) + (w.d.b * w.it.nu).sum(-1)
@@ -234,7 +230,7 @@ def pdipm(
                 it, status, iters = w.flush(idx, it, status, iters)
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
-                res = residuals(w.d, w.it)
+                res = Residuals(w.d, w.it)
         kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
         w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
         w.running = w.running & kkt.ok
@@ -244,7 +240,7 @@ def pdipm(
         w.running = w.running & finite
     it, status, iters = w.flush(idx, it, status, iters)
     D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
-    return PDIPMResult(it, residuals(d, it), status, iters, D, d, kkt_args)
+    return PDIPMResult(it, Residuals(d, it), status, iters, D, d, kkt_args)
 
 
 @dataclass
@@ -339,7 +335,7 @@ def _polish(
         hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
     cand = Iterate(z, (sub.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
-    ok = pk.ok & ~wrong & (residuals(sub, cand).relative() <= eps)
+    ok = pk.ok & ~wrong & (Residuals(sub, cand).relative() <= eps)
     done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
     full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
     D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_sub)
