@@ -32,13 +32,17 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
         A u_z                     = v_ν
 
     In w = λ∘u_λ this is the forward's KKT system with compliance D = s/λ (the interior
-    point factor), or D = 0 on active and ∞ on inactive rows (the polish factor). Then
+    point factor), or D = 0 on active and ∞ on inactive rows (the polish factor), solved
+    on the scaled problem (u_z = D ũ_z, w = E_G w̃ / c, u_ν = E_A ũ_ν / c). Then
     u_λ = w/λ where λ > s and (G u_z − v_λ)/s elsewhere. At weakly active constraints
     (s ≈ λ ≈ 0) the Jacobian is singular; the regularized factor gives a finite
     (least-change) answer instead of a NaN. Problems that are not `solved` (B,) get
     u = 0, hence zero gradients.
     """
-    G = result.d.G
+    G = result.res.d.G
+    sc = result.scaling
+    E_G, E_A = sc.split(G.shape[-2])
+    c = sc.c.unsqueeze(-1)
     keep = solved.unsqueeze(-1)
     big = lam > s
     lam_safe = torch.where(big, lam, 1.0)
@@ -46,7 +50,8 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
 
     def solve(v):
         v_z, v_lam, v_nu = v
-        u_z, w, u_nu = result.kkt.solve(v_z, v_lam, v_nu, refine=0)
+        u_z, w, u_nu = result.kkt.solve(c * sc.D * v_z, E_G * v_lam, E_A * v_nu, refine=0)
+        u_z, w, u_nu = sc.D * u_z, E_G * w / c, E_A * u_nu / c
         u_lam = torch.where(big, w / lam_safe, (_mv(G, u_z) - v_lam) / s_safe)
         return tuple(torch.where(keep, u, 0.0) for u in (u_z, u_lam, u_nu))
 

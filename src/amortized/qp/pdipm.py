@@ -22,9 +22,10 @@ from torch import Tensor
 
 from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv
 from amortized.qp.problem import QPData
+from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
 
-SOLVED, MAX_ITER, INFEASIBLE, NUMERICAL = (int(c) for c in QPStatus)
+SOLVED, MAX_ITER, INFEASIBLE, NUMERICAL, UNBOUNDED = (int(c) for c in QPStatus)
 
 
 @dataclass(frozen=True)
@@ -47,10 +48,11 @@ def _amax(x: Tensor) -> Tensor:
 
 
 class Residuals:
-    """Residual vectors (B, ·) at an iterate; their norms, scales and the duality gap (B,)
+    """Residual vectors (B, ·) at an iterate of the (scaled) problem `d`; their norms, scales
+    and the duality gap (B,), measured on the original problem when a `Scaling` is given,
     are computed on first use only (at convergence checks)."""
 
-    def __init__(self, d: QPData, it: Iterate):
+    def __init__(self, d: QPData, it: Iterate, sc: Scaling | None = None):
         self.d, self.it = d, it
         m = it.lam.shape[-1]
         Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
@@ -59,6 +61,17 @@ class Residuals:
         self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
         self.r_i = self.Gz + it.s - d.h  # Gz + s − h
         self.r_e = self.Az - d.b  # Az − b
+        # weights that take a scaled vector's entries to the original problem's
+        if sc is None:
+            self.w_x = self.w_i = self.w_e = self.w_c = None
+        else:
+            E_G, E_A = sc.split(m)
+            self.w_x, self.w_i, self.w_e = 1 / (sc.c.unsqueeze(-1) * sc.D), 1 / E_G, 1 / E_A
+            self.w_c = 1 / sc.c
+
+    @staticmethod
+    def _norm(x: Tensor, w: Tensor | None) -> Tensor:
+        return _amax(x if w is None else x * w)
 
     @cached_property
     def neg_r_d(self) -> Tensor:
@@ -68,34 +81,41 @@ class Residuals:
 
     @cached_property
     def primal(self) -> Tensor:
-        return torch.maximum(_amax(self.r_i), _amax(self.r_e))
+        return torch.maximum(self._norm(self.r_i, self.w_i), self._norm(self.r_e, self.w_e))
 
     @cached_property
     def dual(self) -> Tensor:
-        return _amax(self.r_d)
+        return self._norm(self.r_d, self.w_x)
 
     @cached_property
-    def _gap_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    def _gap_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """zᵀQz, pᵀz, hᵀλ, bᵀν, sᵀλ of the original problem."""
         d, it = self.d, self.it
-        return (
-            (it.z * self.Qz).sum(-1),
-            (d.p * it.z).sum(-1),
-            (d.h * it.lam).sum(-1),
-            (d.b * it.nu).sum(-1),
+        terms = torch.stack(
+            [
+                (it.z * self.Qz).sum(-1),
+                (d.p * it.z).sum(-1),
+                (d.h * it.lam).sum(-1),
+                (d.b * it.nu).sum(-1),
+                (it.s * it.lam).sum(-1),
+            ]
         )
+        return tuple(terms if self.w_c is None else terms * self.w_c)
 
     @cached_property
     def gap(self) -> Tensor:
         """Duality gap of the Lagrangian dual, zᵀQz + pᵀz + hᵀλ + bᵀν (= sᵀλ when feasible)."""
-        zQz, pz, hl, bn = self._gap_terms
-        return torch.maximum((zQz + pz + hl + bn).abs(), (self.it.s * self.it.lam).sum(-1))
+        zQz, pz, hl, bn, sl = self._gap_terms
+        return torch.maximum((zQz + pz + hl + bn).abs(), sl)
 
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
-        d = self.d
-        primal_scale = torch.stack([_amax(self.Gz), _amax(d.h), _amax(self.Az), _amax(d.b)]).amax(0)
-        dual_scale = torch.stack([_amax(self.Qz), _amax(d.p), _amax(self.Ct_y)]).amax(0)
-        gap_scale = torch.stack([x.abs() for x in self._gap_terms]).amax(0)
+        d, N = self.d, self._norm
+        primal_scale = torch.stack(
+            [N(self.Gz, self.w_i), N(d.h, self.w_i), N(self.Az, self.w_e), N(d.b, self.w_e)]
+        ).amax(0)
+        dual_scale = torch.stack([N(self.Qz, self.w_x), N(d.p, self.w_x), N(self.Ct_y, self.w_x)]).amax(0)
+        gap_scale = torch.stack([x.abs() for x in self._gap_terms[:4]]).amax(0)
         return torch.stack(
             [
                 self.primal / (1 + primal_scale),
@@ -141,12 +161,18 @@ def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iter
 
 @dataclass
 class PDIPMResult:
+    """The solver's answer in the original problem's terms (it, res), and what the implicit
+    backward needs to factor the KKT system at the solution, in the scaled problem's terms:
+    the scaled data `d`, its compliance D (B, m) (s/λ, or 0/∞ on a polished active set)
+    and the `scaling`."""
+
     it: Iterate
     res: Residuals
     status: Tensor
     iters: Tensor
-    D: Tensor  # the compliance at the solution, (B, m): s/λ, or 0/∞ on a polished active set
+    D: Tensor
     d: QPData
+    scaling: Scaling
     kkt_args: dict
 
     @cached_property
@@ -165,14 +191,22 @@ def pdipm(
     check_every: int = 2,
     warm_start: Tensor | None = None,
     polish: bool = True,
+    scale: bool = True,
 ) -> PDIPMResult:
     """Solve the problems where `active` (B,) is True; the others are reported NUMERICAL.
+    The iterations run on the Ruiz-scaled problem (`scale`); every test below is made on
+    the original one.
 
     SOLVED: primal, dual residual and gap all ≤ eps relative to their scales.
     INFEASIBLE: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas every feasible
     point then has ‖z‖₁ ≥ 1/eps_inf, so the flag is not raised on a sensibly scaled feasible
     problem.
+    UNBOUNDED: the iterate runs off along a ray: x = z/‖z‖∞ has ‖Qx‖∞, ‖Ax‖∞, max(Gx)₊ all
+    ≤ eps_inf·(−pᵀx), with ‖z‖∞ ≥ 1/eps_inf·(1 + ‖h‖∞ + ‖b‖∞) (a solution that large is
+    the only way a bounded problem could pass).
     """
+    orig = d
+    d, sc = ruiz(d) if scale else (d, _no_scaling(d))
     B, n, m, q = d.shape
     dtype = d.p.dtype
     finfo = torch.finfo(dtype)
@@ -191,17 +225,17 @@ def pdipm(
 
     status = torch.where(active, MAX_ITER, NUMERICAL)
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
-    it = _initial_point(d, kkt_args, warm_start)
+    it = _initial_point(d, kkt_args, None if warm_start is None else warm_start / sc.D)
     # polished problems keep their active set: the backward factors it (0 active, ∞ dropped)
     polish_D = it.s / it.lam
     polished = torch.zeros_like(active)
     tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
     # the loop works on the problems still running, compacted as they finish
     idx = torch.arange(B, device=d.p.device)
-    w = _Work(d, kkt_args, it, active.clone(), status, iters, tried)
+    w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried)
 
     for k in range(max_iter + 1):
-        res = Residuals(w.d, w.it)
+        res = Residuals(w.d, w.it, w.sc)
         if k % check_every == 0 or k == max_iter:
             rel = res.relative()
             if eps_polish > eps:
@@ -209,20 +243,20 @@ def pdipm(
                 ready = w.running & (rel <= eps_polish) & (rel <= 0.1 * w.tried)
                 if bool(ready.any()):
                     w.tried = torch.where(ready, rel, w.tried)
-                    w.it, D_act, done = _polish(w.d, w.it, ready, eps, w.kkt_args)
+                    w.it, D_act, done = _polish(w.d, w.sc, w.it, ready, eps, w.kkt_args)
                     polish_D[idx[done]] = D_act[done]
                     polished[idx[done]] = True
                     w.status = torch.where(done, SOLVED, w.status)
                     w.running = w.running & ~done
-                    res = Residuals(w.d, w.it)
+                    res = Residuals(w.d, w.it, w.sc)
                     rel = res.relative()
             converged = rel <= eps
-            farkas = (w.d.h * w.it.lam).sum(-1) + (w.d.b * w.it.nu).sum(-1)
-            cert = torch.maximum(res.Ct_y.abs().amax(-1), floor * w.it.lam.sum(-1))
-            infeasible = (farkas < 0) & (cert <= eps_inf * -farkas) & ~converged
+            infeasible = _infeasible(res, eps_inf, floor) & ~converged
+            unbounded = _unbounded(res, eps_inf) & ~converged & ~infeasible
             w.status = torch.where(w.running & converged, SOLVED, w.status)
             w.status = torch.where(w.running & infeasible, INFEASIBLE, w.status)
-            w.running = w.running & ~converged & ~infeasible
+            w.status = torch.where(w.running & unbounded, UNBOUNDED, w.status)
+            w.running = w.running & ~converged & ~infeasible & ~unbounded
             n_run = int(w.running.sum())
             if k == max_iter or n_run == 0:
                 break
@@ -230,7 +264,7 @@ def pdipm(
                 it, status, iters = w.flush(idx, it, status, iters)
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
-                res = Residuals(w.d, w.it)
+                res = Residuals(w.d, w.it, w.sc)
         kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
         w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
         w.running = w.running & kkt.ok
@@ -240,7 +274,47 @@ def pdipm(
         w.running = w.running & finite
     it, status, iters = w.flush(idx, it, status, iters)
     D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
-    return PDIPMResult(it, Residuals(d, it), status, iters, D, d, kkt_args)
+    it_orig = Iterate(*sc.unscale(*it.fields()))
+    return PDIPMResult(it_orig, Residuals(orig, it_orig), status, iters, D, d, sc, kkt_args)
+
+
+def _no_scaling(d: QPData) -> Scaling:
+    B, n, m, q = d.shape
+    return Scaling(d.p.new_ones(B, n), d.p.new_ones(B, m + q), d.p.new_ones(B))
+
+
+def _infeasible(res: Residuals, eps_inf: float, floor: float) -> Tensor:
+    """(B,) whether (λ, ν) is a Farkas certificate of primal infeasibility (see `pdipm`).
+    Both sides are measured on the original problem: its certificate is (E_G λ̃, E_A ν̃).
+    hᵀλ + bᵀν must also be negative beyond its rounding error (√ε·‖y‖∞·‖(h, b)‖∞): when λ
+    diverges on a feasible problem, that sum can be a cancellation of huge terms."""
+    d, it, N = res.d, res.it, Residuals._norm
+    farkas = (d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)
+    cert = torch.maximum(N(res.Ct_y, res.w_x), floor * it.lam.sum(-1))
+    y_size = torch.maximum(_amax(it.lam), _amax(it.nu))
+    if res.w_c is not None:
+        cert = cert / res.w_c  # the certificate carries no 1/c
+        y_size = torch.maximum(_amax(it.lam / res.w_i), _amax(it.nu / res.w_e))
+    hb_size = torch.maximum(N(d.h, res.w_i), N(d.b, res.w_e))
+    rounding = torch.finfo(farkas.dtype).eps ** 0.5 * y_size * hb_size
+    return (farkas < -rounding) & (cert <= eps_inf * -farkas)
+
+
+def _unbounded(res: Residuals, eps_inf: float) -> Tensor:
+    """(B,) whether the iterate z runs off along a ray of recession (see `pdipm`)."""
+    d, it, N = res.d, res.it, Residuals._norm
+    # original z = D z̃; with x = z̃ the products below map to the original ones by weights
+    w_z = None if res.w_c is None else res.w_x / res.w_c.unsqueeze(-1)  # = D
+    size = N(it.z, w_z)
+    x_scale = 1 / size.clamp(min=torch.finfo(size.dtype).tiny).unsqueeze(-1)
+    Gx = res.Gz * x_scale
+    Gx = (Gx if res.w_i is None else Gx * res.w_i).clamp(min=0)
+    cert = torch.stack([N(res.Qz * x_scale, res.w_x), N(res.Az * x_scale, res.w_e), _amax(Gx)]).amax(0)
+    px = (d.p * it.z).sum(-1) * x_scale.squeeze(-1)
+    if res.w_c is not None:
+        px = px * res.w_c
+    big = size * eps_inf >= 1 + torch.maximum(N(d.h, res.w_i), N(d.b, res.w_e))
+    return big & (px < 0) & (cert <= eps_inf * -px)
 
 
 @dataclass
@@ -248,6 +322,7 @@ class _Work:
     """The working set of the loop: the running problems' data and state."""
 
     d: QPData
+    sc: Scaling
     kkt_args: dict
     it: Iterate
     running: Tensor
@@ -261,6 +336,7 @@ class _Work:
         it = Iterate(*(x[keep] for x in self.it.fields()))
         return _Work(
             self.d.index(keep),
+            self.sc.index(keep),
             args,
             it,
             self.running[keep],
@@ -304,7 +380,7 @@ def _mehrotra_step(
 
 
 def _polish(
-    d: QPData, it: Iterate, ready: Tensor, eps: float, kkt_args: dict
+    d: QPData, sc: Scaling, it: Iterate, ready: Tensor, eps: float, kkt_args: dict
 ) -> tuple[Iterate, Tensor, Tensor]:
     """Active-set polish of the `ready` problems: solve the QP with the constraints
     {λ > s} as equalities and the others dropped, correcting the guess while it is
@@ -313,7 +389,14 @@ def _polish(
     iterate, the compliance D of the active set (0 active, ∞ dropped) and the done mask."""
     idx = ready.nonzero().squeeze(-1)
     sub = d.index(idx)
-    args = dict(kkt_args, base=None if kkt_args["base"] is None else kkt_args["base"].index(idx))
+    if kkt_args["base"] is None:
+        # primal form with a singular Q (LPs) or a degenerate vertex: the Schur complement
+        # C_act (Q + ρI)⁻¹ C_actᵀ + δI squares the conditioning, so ρ, δ must not be tiny;
+        # the refinement steps remove their (proximal) effect
+        reg = 10 * torch.finfo(d.p.dtype).eps ** 0.5
+        args, n_refine = dict(kkt_args, rho=reg, delta=reg), 10
+    else:
+        args, n_refine = dict(kkt_args, base=kkt_args["base"].index(idx)), 3
     s, lam0 = it.s[idx], it.lam[idx]
     hard = lam0 > s
     eps_m = 10 * torch.finfo(d.p.dtype).eps
@@ -321,7 +404,7 @@ def _polish(
         D_sub = torch.zeros_like(s).masked_fill(~hard, torch.inf)  # 0: equality, ∞: dropped
         pk = KKT(sub, D_sub, active_set=True, **args)
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z, lam, nu = pk.solve(-sub.p, sub.h, sub.b, refine=3)
+        z, lam, nu = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine)
         Gz = mv(sub.G, z)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
@@ -335,7 +418,7 @@ def _polish(
         hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
     cand = Iterate(z, (sub.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
-    ok = pk.ok & ~wrong & (Residuals(sub, cand).relative() <= eps)
+    ok = pk.ok & ~wrong & (Residuals(sub, cand, sc.index(idx)).relative() <= eps)
     done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
     full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
     D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_sub)

@@ -7,7 +7,9 @@ import torch
 from torch import Tensor
 
 from amortized.implicit import implicit_root
+from amortized.qp.elastic import elastic_qp, split_elastic
 from amortized.qp.kkt import kkt_conditions, transpose_solver
+from amortized.qp.kkt_system import mv
 from amortized.qp.pdipm import pdipm
 from amortized.qp.problem import QPData, check_convex, qp_data
 from amortized.qp.status import QPStatus
@@ -22,6 +24,13 @@ class QPSolution:
     s (B, m) slacks h − Gz. status (B,) QPStatus codes; iters (B,) iterations used;
     primal_residual, dual_residual, gap (B,) absolute ∞-norm residuals and duality gap.
     z, lam and nu are differentiable w.r.t. every tensor argument of `solve_qp`.
+
+    Certificates: where status is INFEASIBLE, (lam, nu) is a Farkas certificate scaled to
+    hᵀλ + bᵀν = −1 (λ ≥ 0, Gᵀλ + Aᵀν ≈ 0); where it is UNBOUNDED, z is a ray scaled to
+    pᵀz = −1 (Qz ≈ 0, Gz ≤ 0, Az ≈ 0). Those problems have no solution to differentiate.
+
+    relaxation (B, m + q), elastic mode only: how far each constraint row had to be relaxed,
+    [t; Az − b] with Gz ≤ h + t, t ≥ 0 (zero where the QP was feasible); differentiable.
     """
 
     z: Tensor
@@ -33,6 +42,7 @@ class QPSolution:
     primal_residual: Tensor
     dual_residual: Tensor
     gap: Tensor
+    relaxation: Tensor | None = None
 
     @property
     def solved(self) -> Tensor:
@@ -57,6 +67,7 @@ def solve_qp(
     max_iter: int = 100,
     warm_start: Tensor | None = None,
     check_convexity: bool = True,
+    elastic: float | None = None,
 ) -> QPSolution:
     """Solve a batch of convex QPs
 
@@ -78,12 +89,21 @@ def solve_qp(
     solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector).
     eps: relative tolerance (default from the dtype, see `default_eps`).
     warm_start: (B, n) or (n,) primal starting point.
+    elastic: a penalty weight w > 0 switches on elastic mode: solve the closest feasible QP,
+    min ½zᵀQz + pᵀz + w·(‖t‖₁ + ‖Az − b‖₁) s.t. Gz ≤ h + t, t ≥ 0 (see `qp.elastic`); exact
+    (t = 0, Az = b) when the QP is feasible and w exceeds its largest multiplier. The
+    solution's `relaxation` holds the violations.
     """
     if solver != "pdipm":
         raise ValueError(f"unknown solver {solver!r}; available: 'pdipm'")
     if max_iter < 1:
         raise ValueError("max_iter must be at least 1")
     data, finite = qp_data(Q, p, G, h, A, b)
+    if elastic is not None:
+        if warm_start is not None:
+            raise ValueError("warm_start is not supported in elastic mode")
+        kwargs = {"eps": eps, "max_iter": max_iter, "check_convexity": check_convexity}
+        return _solve_elastic(data, float(elastic), **kwargs)
     B, n, m, q = data.shape
     if not bool(finite.all()):
         data = _replace_nonfinite(data, finite)
@@ -95,6 +115,7 @@ def solve_qp(
         ws = None if warm_start is None else warm_start.detach()
         r = pdipm(detached, finite, eps=eps, max_iter=max_iter, warm_start=ws)
     it, solved = r.it, r.status == int(QPStatus.SOLVED)
+    it = _normalize_certificates(it, r.status, data)
     zero_bad = lambda x: torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
     z, lam, nu, s = (zero_bad(x) for x in (it.z, it.lam, it.nu, it.s))
 
@@ -110,6 +131,35 @@ def solve_qp(
             refine=2,
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
+
+
+def _solve_elastic(data: QPData, weight: float, **kwargs) -> QPSolution:
+    """solve_qp in elastic mode: the elastic QP (built from `data` by differentiable ops, so
+    gradients reach the original arguments) solved as an ordinary one."""
+    if not weight > 0:
+        raise ValueError(f"elastic must be a positive penalty weight, got {weight}")
+    B, n, m, q = data.shape
+    e = elastic_qp(data, weight)
+    sol = solve_qp(e.Q, e.p, e.G, e.h, **kwargs)
+    z, lam, nu, t = split_elastic(sol.z, sol.lam, n, m, q)
+    relaxation = torch.cat([t, mv(data.A, z) - data.b], -1)
+    s = data.h + t - mv(data.G, z)
+    return QPSolution(
+        z, lam, nu, s, sol.status, sol.iters, sol.primal_residual, sol.dual_residual, sol.gap, relaxation
+    )
+
+
+def _normalize_certificates(it, status: Tensor, d: QPData):
+    """Scale the certificates of INFEASIBLE and UNBOUNDED problems as QPSolution states."""
+    infeasible = (status == int(QPStatus.INFEASIBLE)).unsqueeze(-1)
+    unbounded = (status == int(QPStatus.UNBOUNDED)).unsqueeze(-1)
+    if not bool(infeasible.any() | unbounded.any()):
+        return it
+    farkas = ((d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)).unsqueeze(-1).abs()
+    pz = (d.p * it.z).sum(-1).unsqueeze(-1).abs()
+    fix = lambda x, bad, size: torch.where(bad, x / torch.where(bad, size, 1.0), x)
+    lam, nu = fix(it.lam, infeasible, farkas), fix(it.nu, infeasible, farkas)
+    return type(it)(fix(it.z, unbounded, pz), it.s, lam, nu)
 
 
 def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
