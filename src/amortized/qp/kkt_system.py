@@ -73,8 +73,8 @@ def dual_base(d: QPData, rho: float) -> DualBase | None:
 
 class KKT:
     """The system above, factored. `active_set=True` allows D ∈ {0, ∞} entries (the polish
-    and the backward); otherwise 0 < D < ∞ (the interior point iterations), which skips
-    the masking work."""
+    and the backward; also the primal form's interior point iterations, where it splits
+    rows by D ≤ 1); otherwise 0 < D < ∞, which skips the masking work."""
 
     def __init__(
         self,
@@ -89,7 +89,10 @@ class KKT:
         self.d, self.D, self.base, self.active_set = d, D, base, active_set
         self._r1 = None
         self.absent = torch.isinf(D) if active_set else None
-        self.hard = D == 0 if active_set else None
+        # the primal form keeps rows with D ≤ 1 (λ ≥ s: active or nearly) in its Schur
+        # complement and eliminates only W = 1/D ≤ 1, so H = Q + GᵀWG stays well
+        # conditioned however extreme λ/s gets
+        self.hard = D <= 1 if active_set else None
         if base is not None:
             self._factor_dual(base, delta)
         else:
@@ -138,7 +141,7 @@ class KKT:
         Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
         if self.active_set:
             C = torch.cat([d.G * self.hard.unsqueeze(-1), d.A], dim=-2)
-            dvec = torch.cat([torch.where(self.hard, delta, 1.0), torch.full_like(d.b, delta)], -1)
+            dvec = torch.cat([torch.where(self.hard, D + delta, 1.0), torch.full_like(d.b, delta)], -1)
             self.factor = factor_saddle(H, C, dvec)
         else:
             self.factor = factor_saddle(H, d.A, delta)

@@ -108,6 +108,13 @@ class Residuals:
         zQz, pz, hl, bn, sl = self._gap_terms
         return torch.maximum((zQz + pz + hl + bn).abs(), sl)
 
+    def meets(self, eps: float, eps_abs: float | None) -> Tensor:
+        """(B,) whether the relative test holds, and the absolute one when eps_abs is given."""
+        ok = self.relative() <= eps
+        if eps_abs is not None:
+            ok = ok & (torch.stack([self.primal, self.dual, self.gap]).amax(0) <= eps_abs)
+        return ok
+
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
         d, N = self.d, self._norm
@@ -188,6 +195,7 @@ def pdipm(
     *,
     eps: float,
     max_iter: int,
+    eps_abs: float | None = None,
     check_every: int = 2,
     warm_start: Tensor | None = None,
     polish: bool = True,
@@ -197,7 +205,8 @@ def pdipm(
     The iterations run on the Ruiz-scaled problem (`scale`); every test below is made on
     the original one.
 
-    SOLVED: primal, dual residual and gap all ≤ eps relative to their scales.
+    SOLVED: primal, dual residual and gap all ≤ eps relative to their scales (and ≤ eps_abs
+    when given).
     INFEASIBLE: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas every feasible
     point then has ‖z‖₁ ≥ 1/eps_inf, so the flag is not raised on a sensibly scaled feasible
     problem.
@@ -214,6 +223,11 @@ def pdipm(
     # the dual elimination is better conditioned; in float64 the primal one is cheaper for m + q ≫ n
     use_dual = m + q <= 2 * n or dtype != torch.float64
     base: DualBase | None = dual_base(d, rho) if use_dual else None
+    if base is None:
+        # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
+        # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
+        # proximal term ρ(z − z_k) they slow the steps but do not move the solution
+        rho = delta = 10 * finfo.eps**0.5
     kkt_args = {"rho": rho, "delta": delta, "base": base}
     # Newton directions need not be exact (convergence is judged on true residuals)
     refine = 0 if dtype == torch.float64 else 1
@@ -243,14 +257,14 @@ def pdipm(
                 ready = w.running & (rel <= eps_polish) & (rel <= 0.1 * w.tried)
                 if bool(ready.any()):
                     w.tried = torch.where(ready, rel, w.tried)
-                    w.it, D_act, done = _polish(w.d, w.sc, w.it, ready, eps, w.kkt_args)
+                    w.it, D_act, done = _polish(w.d, w.sc, w.it, ready, eps, eps_abs, w.kkt_args)
                     polish_D[idx[done]] = D_act[done]
                     polished[idx[done]] = True
                     w.status = torch.where(done, SOLVED, w.status)
                     w.running = w.running & ~done
                     res = Residuals(w.d, w.it, w.sc)
                     rel = res.relative()
-            converged = rel <= eps
+            converged = res.meets(eps, eps_abs)
             infeasible = _infeasible(res, eps_inf, floor) & ~converged
             unbounded = _unbounded(res, eps_inf) & ~converged & ~infeasible
             w.status = torch.where(w.running & converged, SOLVED, w.status)
@@ -265,7 +279,7 @@ def pdipm(
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
-        kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
+        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=w.kkt_args["base"] is None, **w.kkt_args)
         w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
         w.running = w.running & kkt.ok
         w.iters = w.iters + w.running
@@ -380,7 +394,7 @@ def _mehrotra_step(
 
 
 def _polish(
-    d: QPData, sc: Scaling, it: Iterate, ready: Tensor, eps: float, kkt_args: dict
+    d: QPData, sc: Scaling, it: Iterate, ready: Tensor, eps: float, eps_abs: float | None, kkt_args: dict
 ) -> tuple[Iterate, Tensor, Tensor]:
     """Active-set polish of the `ready` problems: solve the QP with the constraints
     {λ > s} as equalities and the others dropped, correcting the guess while it is
@@ -390,11 +404,8 @@ def _polish(
     idx = ready.nonzero().squeeze(-1)
     sub = d.index(idx)
     if kkt_args["base"] is None:
-        # primal form with a singular Q (LPs) or a degenerate vertex: the Schur complement
-        # C_act (Q + ρI)⁻¹ C_actᵀ + δI squares the conditioning, so ρ, δ must not be tiny;
-        # the refinement steps remove their (proximal) effect
-        reg = 10 * torch.finfo(d.p.dtype).eps ** 0.5
-        args, n_refine = dict(kkt_args, rho=reg, delta=reg), 10
+        # the primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
+        args, n_refine = kkt_args, 10
     else:
         args, n_refine = dict(kkt_args, base=kkt_args["base"].index(idx)), 3
     s, lam0 = it.s[idx], it.lam[idx]
@@ -418,7 +429,7 @@ def _polish(
         hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
     lam = torch.where(hard, lam, 0.0)
     cand = Iterate(z, (sub.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
-    ok = pk.ok & ~wrong & (Residuals(sub, cand, sc.index(idx)).relative() <= eps)
+    ok = pk.ok & ~wrong & Residuals(sub, cand, sc.index(idx)).meets(eps, eps_abs)
     done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
     full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
     D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_sub)

@@ -64,6 +64,7 @@ def solve_qp(
     *,
     solver: str = "pdipm",
     eps: float | None = None,
+    eps_abs: float | None = None,
     max_iter: int = 100,
     warm_start: Tensor | None = None,
     check_convexity: bool = True,
@@ -87,7 +88,9 @@ def solve_qp(
     zero gradients (and a warning in the backward pass).
 
     solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector).
-    eps: relative tolerance (default from the dtype, see `default_eps`).
+    eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
+    and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms).
+    eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default).
     warm_start: (B, n) or (n,) primal starting point.
     elastic: a penalty weight w > 0 switches on elastic mode: solve the closest feasible QP,
     min ½zᵀQz + pᵀz + w·(‖t‖₁ + ‖Az − b‖₁) s.t. Gz ≤ h + t, t ≥ 0 (see `qp.elastic`); exact
@@ -102,7 +105,7 @@ def solve_qp(
     if elastic is not None:
         if warm_start is not None:
             raise ValueError("warm_start is not supported in elastic mode")
-        kwargs = {"eps": eps, "max_iter": max_iter, "check_convexity": check_convexity}
+        kwargs = {"eps": eps, "eps_abs": eps_abs, "max_iter": max_iter, "check_convexity": check_convexity}
         return _solve_elastic(data, float(elastic), **kwargs)
     B, n, m, q = data.shape
     if not bool(finite.all()):
@@ -113,7 +116,7 @@ def solve_qp(
     with torch.no_grad():
         detached = QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))
         ws = None if warm_start is None else warm_start.detach()
-        r = pdipm(detached, finite, eps=eps, max_iter=max_iter, warm_start=ws)
+        r = pdipm(detached, finite, eps=eps, eps_abs=eps_abs, max_iter=max_iter, warm_start=ws)
     it, solved = r.it, r.status == int(QPStatus.SOLVED)
     it = _normalize_certificates(it, r.status, data)
     zero_bad = lambda x: torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
