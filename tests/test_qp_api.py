@@ -110,7 +110,7 @@ def test_qplayer_constants_are_buffers():
     layer = am.QPLayer(n, n_ineq=n, n_eq=1, Q=0.5 * torch.eye(n), G=G, h=torch.zeros(n))
     names = {n for n, _ in layer.named_parameters()}
     assert names == {"A", "log_s0"}
-    assert {"L", "G", "h"} <= {n for n, _ in layer.named_buffers()}
+    assert {"Q", "G", "h"} <= {n for n, _ in layer.named_buffers()}
     z = layer(torch.randn(5, n))
     assert z.shape == (5, n) and z.dtype == torch.float32
     assert (z >= -1e-5).all()

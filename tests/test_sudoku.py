@@ -164,6 +164,7 @@ def test_optnet_gradient_matches_finite_differences(dtype):
 
 SHORT_RUNS = {  # model, dtype, Adam lr, epochs: small enough for CI, long enough to learn
     "optnet": (lambda: S.OptNetSudoku(), torch.float64, 0.1, 1),
+    "optnet-lp": (lambda: S.OptNetSudoku(q_penalty=0.0), torch.float64, 0.1, 1),  # Q = 0
     "fc": (lambda: S.FCSudoku(), torch.float32, 3e-3, 10),
     "conv": (lambda: S.ConvSudoku(channels=32, layers=3), torch.float32, 3e-3, 10),
 }

@@ -258,8 +258,8 @@ class OptNetSudoku(nn.Module):
         kw = {"dtype": dtype, "device": device}
         if n_eq < 1:
             raise ValueError("n_eq must be at least 1")
-        if q_penalty <= 0:
-            raise ValueError("q_penalty must be positive (Q = q_penalty·I)")
+        if q_penalty < 0:
+            raise ValueError("q_penalty must be non-negative (Q = q_penalty·I; 0 makes it an LP)")
         self.n_eq, self.q_penalty, self.solver_options = n_eq, q_penalty, solver_options
         A_init = torch.rand(n_eq, N_VARS, generator=generator, dtype=dtype)  # drawn first: seeds reproduce
         self.qp = am.QPLayer(

@@ -13,7 +13,7 @@ class QPLayer(nn.Module):
 
     Each of Q, G, h, A, b passed as a tensor is a constant (a buffer); left as None it is a
     learned parameter (when its block has rows). Learned Q = LLᵀ + eps_Q·I stays positive
-    definite.
+    definite; a constant Q need only be positive semidefinite.
 
     `feasible=True` keeps the QP strictly feasible during training: the learned right-hand
     sides are built from a point z0 (n,) with G z0 < h, namely h = G z0 + s0 and b = A z0,
@@ -68,12 +68,12 @@ class QPLayer(nn.Module):
                 setattr(self, name, None)
 
         randn = lambda s: torch.randn(s, **kw) / max(1, s[-1]) ** 0.5
-        const_or_param(
-            "L",
-            None if Q is None else torch.linalg.cholesky(Q.to(**kw)),
-            (n, n),
-            lambda s: torch.eye(n, **kw),
-        )
+        if Q is None:
+            self.L = nn.Parameter(torch.eye(n, **kw))
+            self.Q = None
+        else:  # a constant Q only needs to be PSD (Q = 0 is an LP): kept as it is
+            const_or_param("Q", Q, (n, n), None)
+            self.L = None
         const_or_param("G", G, (n_ineq, n), randn)
         const_or_param("A", A, (n_eq, n), randn)
         learn_h, learn_b = h is None and n_ineq > 0, b is None and n_eq > 0
@@ -136,10 +136,9 @@ class QPLayer(nn.Module):
 
     def data(self) -> tuple[Tensor, Tensor | None, Tensor | None, Tensor | None, Tensor | None]:
         """The current Q, G, h, A, b."""
-        n = self.n
-        Q = self.L @ self.L.mT
-        if isinstance(self.L, nn.Parameter):
-            Q = Q + self.eps_Q * torch.eye(n, dtype=Q.dtype, device=Q.device)
+        Q = self.Q
+        if Q is None:
+            Q = self.L @ self.L.mT + self.eps_Q * torch.eye(self.n, dtype=self.L.dtype, device=self.L.device)
         z0 = self.interior_point()
         h = self.h if self.h is not None or not self.n_ineq else self.G @ z0 + softplus(self.s0)
         b = self.b if self.b is not None or not self.n_eq else self.A @ z0
