@@ -305,5 +305,6 @@ def test_cli_generate_train_eval(tmp_path):
             assert res["n_wrong_vs_label"] == int(err["wrong_vs_label"].sum())
             assert (out / "boards.png").stat().st_size > 0
             assert res.get("qp_unsolved", 0) == 0
+            assert (name == "optnet") == ("row_space" in res)
     r = runner.invoke(app, ["sudoku", "train", "--model", "nope", "--out", str(ck)])
     assert r.exit_code != 0

@@ -390,6 +390,7 @@ def evaluate(
     }
     if result["model"] == "optnet":
         result["qp_unsolved"] = stats["unsolved"]
+        result["row_space"] = S.row_space_residual(model.A)  # learned A vs the true rules
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", result)
     if len(pz):
