@@ -210,6 +210,22 @@ def test_checkpoint_round_trip(tmp_path, name):
         S.load_checkpoint(tmp_path / "missing")
 
 
+def test_checkpoint_from_before_qplayer_loads(tmp_path):
+    """OptNet checkpoints written before the model used am.QPLayer (keys A, log_z0, Q, G, h)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = S.OptNetSudoku()
+    S.save_checkpoint(model, tmp_path)
+    old = {"A": model.A.detach(), "log_z0": model.log_z0.detach() - 1}
+    old |= {"Q": 0.1 * torch.eye(64, dtype=torch.float64), "G": -torch.eye(64, dtype=torch.float64)}
+    save_file(old | {"h": torch.zeros(64, dtype=torch.float64)}, str(tmp_path / "model.safetensors"))
+    loaded, _ = S.load_checkpoint(tmp_path)
+    torch.testing.assert_close(loaded.A, model.A)
+    torch.testing.assert_close(loaded.log_z0, model.log_z0 - 1)
+    torch.testing.assert_close(loaded.qp.data()[4], model.A @ (model.log_z0 - 1).exp())
+
+
 def test_load_puzzles_rejects_bad_files(tmp_path):
     f = tmp_path / "bad.npz"
     np.savez(f, puzzles=np.zeros((2, 4, 4), dtype=int))
