@@ -109,11 +109,69 @@ def test_qplayer_constants_are_buffers():
     G = -torch.eye(n)
     layer = am.QPLayer(n, n_ineq=n, n_eq=1, Q=0.5 * torch.eye(n), G=G, h=torch.zeros(n))
     names = {n for n, _ in layer.named_parameters()}
-    assert names == {"A", "z0"}
-    assert {"L", "G", "h"} <= {n for n, _ in layer.named_buffers()}
+    assert names == {"A", "log_s0"}
+    assert {"Q", "G", "h"} <= {n for n, _ in layer.named_buffers()}
     z = layer(torch.randn(5, n))
     assert z.shape == (5, n) and z.dtype == torch.float32
     assert (z >= -1e-5).all()
+
+
+def _boxes(n):
+    """Constant inequalities G (m, n), h (m,) of several shapes, none strictly satisfied by
+    z = 0 (the old z0 = 0 start), named by the parametrization they get."""
+    eye, one = torch.eye(n, dtype=torch.float64), torch.ones(n, dtype=torch.float64)
+    return {
+        "z >= 0 (slack)": (-eye, 0 * one),
+        "z <= -1 (slack)": (eye, -one),
+        "2 <= z <= 3 (gauge)": (torch.cat([eye, -eye]), torch.cat([3 * one, -2 * one])),
+        "simplex-like (gauge)": (
+            torch.cat([-eye, one[None]]),
+            torch.cat([-0.1 * one, one[:1]]),
+        ),
+    }
+
+
+@pytest.mark.parametrize("case", list(_boxes(5)))
+def test_qplayer_feasible_with_constant_inequalities(case):
+    """Constant G, h with learned A, b: z0 stays strictly inside Gz < h (so b = A z0 is
+    never the degenerate b = A·0 = 0) at the start and after arbitrary parameter moves, and
+    every QP of the batch is SOLVED."""
+    n, q = 5, 2
+    G, h = _boxes(n)[case]
+    gen = torch.Generator().manual_seed(0)
+    layer = am.QPLayer(n, len(h), q, G=G, h=h, dtype=torch.float64)
+    assert layer.z0_mode == case.split("(")[1][:-1]
+    p = torch.randn(8, n, generator=gen, dtype=torch.float64)
+    for step in range(4):
+        z0 = layer.interior_point()
+        assert (G @ z0 < h).all(), (step, G @ z0 - h)  # z = 0 fails this in every case
+        Q, _, _, A, b = layer.data()
+        torch.testing.assert_close(b, A @ z0)
+        sol = layer.solve(p)
+        assert sol.solved.all() and (G @ sol.z.T <= h[:, None] + 1e-8).all()
+        (sol.z.sum() + sol.nu.square().sum()).backward()
+        assert all(x.grad is not None and x.grad.abs().amax() > 0 for x in layer.parameters())
+        with torch.no_grad():  # large random moves: the parametrization must keep z0 inside
+            for x in layer.parameters():
+                x.add_(torch.randn(x.shape, generator=gen, dtype=x.dtype))
+            layer.zero_grad()
+
+
+def test_qplayer_slack_parametrization_is_optnet_sudoku():
+    """G = −I, h = 0: b = A exp(log_s0), the OptNet Sudoku model's b = A exp(log z0)."""
+    layer = am.QPLayer(6, 6, 3, G=-torch.eye(6), h=torch.zeros(6), dtype=torch.float64)
+    with torch.no_grad():
+        layer.log_s0.copy_(torch.linspace(-3, 2, 6, dtype=torch.float64))
+    torch.testing.assert_close(layer.data()[4], layer.A @ layer.log_s0.exp(), rtol=1e-14, atol=0)
+
+
+def test_qplayer_feasible_rejects_what_it_cannot_keep_feasible():
+    eye = torch.eye(3)
+    with pytest.raises(ValueError, match="no strictly feasible point"):  # z = 0 is the only point
+        am.QPLayer(3, 6, 1, G=torch.cat([eye, -eye]), h=torch.zeros(6))
+    with pytest.raises(ValueError, match="learned G, a constant h"):
+        am.QPLayer(3, 3, 1, h=torch.ones(3))
+    am.QPLayer(3, 3, 1, h=torch.ones(3), feasible=False)  # allowed: the user's responsibility
 
 
 def test_qpfunction_matches_solve_qp_and_takes_empty_tensors():

@@ -164,6 +164,7 @@ def test_optnet_gradient_matches_finite_differences(dtype):
 
 SHORT_RUNS = {  # model, dtype, Adam lr, epochs: small enough for CI, long enough to learn
     "optnet": (lambda: S.OptNetSudoku(), torch.float64, 0.1, 1),
+    "optnet-lp": (lambda: S.OptNetSudoku(q_penalty=0.0), torch.float64, 0.1, 1),  # Q = 0
     "fc": (lambda: S.FCSudoku(), torch.float32, 3e-3, 10),
     "conv": (lambda: S.ConvSudoku(channels=32, layers=3), torch.float32, 3e-3, 10),
 }
@@ -207,6 +208,22 @@ def test_checkpoint_round_trip(tmp_path, name):
         torch.testing.assert_close(loaded(x), model(x))
     with pytest.raises(FileNotFoundError):
         S.load_checkpoint(tmp_path / "missing")
+
+
+def test_checkpoint_from_before_qplayer_loads(tmp_path):
+    """OptNet checkpoints written before the model used am.QPLayer (keys A, log_z0, Q, G, h)."""
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    model = S.OptNetSudoku()
+    S.save_checkpoint(model, tmp_path)
+    old = {"A": model.A.detach(), "log_z0": model.log_z0.detach() - 1}
+    old |= {"Q": 0.1 * torch.eye(64, dtype=torch.float64), "G": -torch.eye(64, dtype=torch.float64)}
+    save_file(old | {"h": torch.zeros(64, dtype=torch.float64)}, str(tmp_path / "model.safetensors"))
+    loaded, _ = S.load_checkpoint(tmp_path)
+    torch.testing.assert_close(loaded.A, model.A)
+    torch.testing.assert_close(loaded.log_z0, model.log_z0 - 1)
+    torch.testing.assert_close(loaded.qp.data()[4], model.A @ (model.log_z0 - 1).exp())
 
 
 def test_load_puzzles_rejects_bad_files(tmp_path):
@@ -304,5 +321,6 @@ def test_cli_generate_train_eval(tmp_path):
             assert res["n_wrong_vs_label"] == int(err["wrong_vs_label"].sum())
             assert (out / "boards.png").stat().st_size > 0
             assert res.get("qp_unsolved", 0) == 0
+            assert (name == "optnet") == ("row_space" in res)
     r = runner.invoke(app, ["sudoku", "train", "--model", "nope", "--out", str(ck)])
     assert r.exit_code != 0

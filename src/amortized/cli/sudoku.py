@@ -61,10 +61,12 @@ def generate(
     )
 
 
-def _make_model(name: str, dtype: torch.dtype, device: str, seed: int) -> torch.nn.Module:
+def _make_model(
+    name: str, dtype: torch.dtype, device: str, seed: int, q_penalty: float = 0.1
+) -> torch.nn.Module:
     torch.manual_seed(seed)
     if name == "optnet":
-        return S.OptNetSudoku(dtype=dtype, device=device)
+        return S.OptNetSudoku(q_penalty=q_penalty, dtype=dtype, device=device)
     return S.MODELS[name](dtype=dtype, device=device)
 
 
@@ -80,12 +82,13 @@ def _train_one(
     dtype: str | None,
     seed: int,
     progress: Progress,
+    q_penalty: float = 0.1,
 ) -> dict:
     """Train one model, checkpoint it in `out`, write out/results.json and out/errors.png."""
     ptr, str_, pte, ste = data
     torch_dtype = getattr(torch, dtype or DEFAULT_DTYPE[name])
     lr = DEFAULT_LR[name] if lr is None else lr
-    model = _make_model(name, torch_dtype, device, seed)
+    model = _make_model(name, torch_dtype, device, seed, q_penalty)
     opt = torch.optim.Adam(model.parameters(), lr=lr)
     gen = torch.Generator().manual_seed(seed)
     history = []
@@ -227,6 +230,9 @@ def train(
     device: Annotated[str, typer.Option()] = "cpu",
     seed: Annotated[int, typer.Option()] = 0,
     threads: Annotated[int, typer.Option(help="torch threads (0: torch's default).")] = 0,
+    q_penalty: Annotated[
+        float, typer.Option(min=0.0, help="optnet: Q = q_penalty·I (0: the LP variant).")
+    ] = 0.1,
 ) -> None:
     """Train OptNet's Sudoku layer and/or the FC and Conv baselines."""
     model = model or ["optnet"]
@@ -256,6 +262,7 @@ def train(
                 dtype=dtype,
                 seed=seed,
                 progress=progress,
+                q_penalty=q_penalty,
             )
     table = Table(title="4×4 Sudoku training")
     for col in ("model", "dtype", "epochs", "train wrong", "test wrong", "s/batch", "total s"):
@@ -383,6 +390,7 @@ def evaluate(
     }
     if result["model"] == "optnet":
         result["qp_unsolved"] = stats["unsolved"]
+        result["row_space"] = S.row_space_residual(model.A)  # learned A vs the true rules
     out.mkdir(parents=True, exist_ok=True)
     _write_json(out / "results.json", result)
     if len(pz):

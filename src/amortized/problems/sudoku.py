@@ -230,16 +230,18 @@ class OptNetSudoku(nn.Module):
 
     with z (64,) the one-hot board, Q = q_penalty·I and G = −I, h = 0 constant, and A
     (n_eq, 64) and log_z0 (64,) learned. b = A z0 with z0 = exp(log_z0) > 0 keeps the QP
-    strictly feasible (z0 is an interior point) whatever A becomes, as in the paper.
-    A starts uniform in [0, 1) (the paper's init); n_eq = 40 is the rank of the true
-    constraints. Solved by `am.solve_qp` (batched PDIPM, implicit backward).
+    strictly feasible (z0 is an interior point) whatever A becomes, as in the paper: it is
+    `am.QPLayer`'s feasible parametrization for a constant square G (log_z0 is the layer's
+    log_s0, the log-slack of z0 in z ≥ 0). A starts uniform in [0, 1) (the paper's init);
+    n_eq = 40 is the rank of the true constraints. Solved by `am.solve_qp` (batched PDIPM,
+    implicit backward); solver_options go to it.
 
     forward(x (B, 4, 4, 4)) -> z (B, 4, 4, 4). After each call, `last_status` holds the
     (B,) QPStatus of the solves.
 
     dtype defaults to float64: the default training was measured with it, and at a trained
-    A the float32 solve's gradient dA differed from float64's by 5.6% (relative; 4.5e-6 at
-    the initialization; benchmarks/sudoku.py, solver of main 2d3e340).
+    A the float32 solve's gradient dA is far from float64's (relative 4e-2 after 5 epochs,
+    1.1 after 10, 4e-6 at the initialization; benchmarks/sudoku.py, solver of main 30d7a15).
     """
 
     def __init__(
@@ -256,21 +258,38 @@ class OptNetSudoku(nn.Module):
         kw = {"dtype": dtype, "device": device}
         if n_eq < 1:
             raise ValueError("n_eq must be at least 1")
-        if q_penalty <= 0:
-            raise ValueError("q_penalty must be positive (Q = q_penalty·I)")
+        if q_penalty < 0:
+            raise ValueError("q_penalty must be non-negative (Q = q_penalty·I; 0 makes it an LP)")
         self.n_eq, self.q_penalty, self.solver_options = n_eq, q_penalty, solver_options
-        self.register_buffer("Q", q_penalty * torch.eye(N_VARS, **kw))
-        self.register_buffer("G", -torch.eye(N_VARS, **kw))
-        self.register_buffer("h", torch.zeros(N_VARS, **kw))
-        self.A = nn.Parameter(torch.rand(n_eq, N_VARS, generator=generator, dtype=dtype).to(device))
-        self.log_z0 = nn.Parameter(torch.zeros(N_VARS, **kw))
+        A_init = torch.rand(n_eq, N_VARS, generator=generator, dtype=dtype)  # drawn first: seeds reproduce
+        self.qp = am.QPLayer(
+            N_VARS,
+            N_VARS,
+            n_eq,
+            Q=q_penalty * torch.eye(N_VARS, **kw),
+            G=-torch.eye(N_VARS, **kw),
+            h=torch.zeros(N_VARS, **kw),
+            feasible=True,
+            **kw,
+            **solver_options,
+        )
+        with torch.no_grad():
+            self.qp.A.copy_(A_init)
         self.last_status: Tensor | None = None
+
+    @property
+    def A(self) -> nn.Parameter:
+        """The learned equality matrix (n_eq, 64)."""
+        return self.qp.A
+
+    @property
+    def log_z0(self) -> nn.Parameter:
+        """log of the learned interior point z0 (64,): b = A exp(log_z0)."""
+        return self.qp.log_s0
 
     def forward(self, x: Tensor) -> Tensor:
         B = x.shape[0]
-        p = -x.reshape(B, N_VARS).to(self.A.dtype)
-        b = self.A @ self.log_z0.exp()
-        sol = am.solve_qp(self.Q, p, self.G, self.h, self.A, b, **self.solver_options)
+        sol = self.qp.solve(-x.reshape(B, N_VARS).to(self.A.dtype))
         self.last_status = sol.status
         return sol.z.reshape(x.shape).to(x.dtype)
 
@@ -382,7 +401,13 @@ def load_checkpoint(directory: Path, device=None) -> tuple[nn.Module, dict]:
     meta = json.loads((directory / "model.json").read_text())
     dtype = getattr(torch, meta.get("dtype", "float32"))
     model = build_model(meta["config"], dtype=dtype, device=device)
-    model.load_state_dict(load_file(str(directory / "model.safetensors"), device=str(device or "cpu")))
+    state = load_file(str(directory / "model.safetensors"), device=str(device or "cpu"))
+    if isinstance(model, OptNetSudoku) and "A" in state:
+        # checkpoints written before the model used am.QPLayer: A, log_z0 and constant Q, G, h
+        state = {"qp.A": state["A"], "qp.log_s0": state["log_z0"]} | {
+            k: v for k, v in model.state_dict().items() if k not in ("qp.A", "qp.log_s0")
+        }
+    model.load_state_dict(state)
     return model.eval(), meta
 
 
