@@ -24,6 +24,7 @@ def test_qp_proxy_cli(tmp_path):
         "objective_penalty",
         "dc3",
         "ours_active_set",
+        "ours_warm_started_exact",
         "active_set_cold_start",
     ):
         m = r["methods"][name]
@@ -38,7 +39,13 @@ def test_qp_proxy_cli(tmp_path):
     ours = r["methods"]["ours_active_set"]
     assert max(ours["max_eq_violation"], ours["max_ineq_violation"]) <= 1e-6
     assert abs(ours["objective_gap_rel"]) <= 1e-6  # KKT-checked or solved exactly
-    assert r["solver"]["time_per_instance_s"] > 0 and len(r["solver_trace"]) == 8
+    assert r["solver"]["time_per_instance_s"] > 0 and len(r["solver_trace"]) == 20
+    warm = r["methods"]["ours_warm_started_exact"]
+    assert max(warm["max_eq_violation"], warm["max_ineq_violation"]) <= 1e-6
+    # Exact methods are matched only by the solver's converged iterates; inexact ones earlier.
+    assert ours["time_to_match_per_instance_s"] is not None and ours["trace_batch_size"] == 4
+    assert r["methods"]["regression"]["speedup_time_to_match"] is not None
+    assert (tmp_path / "qp_regression.safetensors").exists()
     assert (tmp_path / "qp_proxy_time_vs_gap.png").stat().st_size > 0
 
 
