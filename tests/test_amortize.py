@@ -20,6 +20,7 @@ from amortized.amortize import (
     EqualityCompletion,
     GradientRefiner,
     SimplexProjection,
+    SolverRefiner,
     SphereProjection,
     iterate_weights,
     time_to_match,
@@ -92,7 +93,25 @@ def test_semi_amortized_unrolled_training_recovers_the_map(weights):
         assert (am.model.net.weight - prob.W).abs().max() < 2e-2
 
 
-@pytest.mark.parametrize("refiner", [GradientRefiner(0.3), AdamRefiner(0.1)])
+def test_solver_refiner_is_the_library_solver():
+    # am.argmin's gradient descent is the same iteration as GradientRefiner, unrolled or not.
+    prob = ParametricQuadratic()
+    x = prob.sample(5, torch.Generator().manual_seed(4))
+    y0 = torch.randn(5, N, dtype=torch.float64, requires_grad=True)
+    ys = SolverRefiner("gd", lr=0.3, tol=0.0)(prob.objective, y0, x, 6)
+    ref = GradientRefiner(0.3)(prob.objective, y0, x, 6)
+    assert len(ys) == 2
+    torch.testing.assert_close(ys[-1], ref[-1])
+    g1, g2 = (torch.autograd.grad(y.sum(), y0)[0] for y in (ys[-1], ref[-1]))
+    torch.testing.assert_close(g1, g2)
+    am = Amortizer(
+        prob, linear_model(), refiner=SolverRefiner("lbfgs"), train_refine_steps=3, weights="constant"
+    )
+    fit(am, steps=100, lr=0.1)
+    assert (am.model.net.weight - prob.W).abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("refiner", [GradientRefiner(0.3), AdamRefiner(0.1), SolverRefiner("gd", lr=0.3)])
 def test_semi_amortized_implicit_training_recovers_the_map(refiner):
     prob = ParametricQuadratic()
     am = Amortizer(
@@ -103,7 +122,7 @@ def test_semi_amortized_implicit_training_recovers_the_map(refiner):
         weights="constant",
         refine_grad="implicit",
     )
-    fit(am, steps=300, lr=0.1)
+    fit(am, steps=150, lr=0.1)
     assert (am.model.net.weight - prob.W).abs().max() < 2e-2
 
 

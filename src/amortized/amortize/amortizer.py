@@ -121,7 +121,7 @@ class Amortizer:
 
         def run(init, x_, *theta):
             ys = self.refiner(self.problem.objective, init, x_, steps, create_graph=False)
-            return ys[-1], ys
+            return ys[-1], ys if len(ys) == steps + 1 else [init, ys[-1]]
 
         sym = bool(getattr(self.refiner, "symmetric", False))
         solver = custom_root(
@@ -143,6 +143,8 @@ class Amortizer:
         """The training loss ℒ^Σ on a batch x (B, d_x), labels y_star (B, n) if any."""
         ys = self.iterates(x, self.train_refine_steps, create_graph=True)
         w = iterate_weights(self.weights, self.train_refine_steps, ys[0])
+        if len(ys) == 2 and len(w) > 2:  # a refiner that returns only [y_0, y_K]
+            w = torch.stack([w[0], w[1:].sum()])
         total = ys[0].new_zeros(())
         for k, (wk, y) in enumerate(zip(w, ys, strict=True)):
             implicit_middle = self.refine_grad == "implicit" and 0 < k < len(ys) - 1

@@ -120,3 +120,37 @@ class AdamRefiner:
             y = y - self.lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
             ys.append(y if create_graph else y.detach())
         return ys
+
+
+class SolverRefiner:
+    """At most K iterations of a solver of `amortized.solvers` (`am.argmin`: "lbfgs",
+    "newton", "gd", "adam") from the prediction; returns [y0, y_K] only (the solver keeps
+    its iterates to itself, so ℒ^Σ pools the weights of y_1..y_K onto y_K).
+
+    create_graph=True differentiates the iterations by unrolling (the solver's
+    grad="unroll"); implicit training goes through `optimality` (∇f = 0, symmetric) like the
+    other refiners. options go to the solver (lr, tol, …); the solver may stop before K
+    iterations on the problems it has solved.
+    """
+
+    def __init__(self, solver: str = "lbfgs", **options):
+        self.solver, self.options = solver, options
+        self.symmetric = True
+
+    def optimality(self, objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def F(y, *args):
+            return _func_grad(objective, y, *args)
+
+        return F
+
+    def __call__(
+        self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
+        from amortized.solvers import argmin
+
+        start = y0 if create_graph else y0.detach()
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            sol = argmin(
+                objective, start, x, solver=self.solver, max_iter=steps, grad="unroll", **self.options
+            )
+        return [start, sol.y if create_graph else sol.y.detach()]
