@@ -117,8 +117,9 @@ def vae(args) -> None:
     from amortized.cli.amortize import train_vae
     from amortized.problems.vae import adam_trace
 
-    P, enc, _, _, x_test, hist, t_train = train_vae(steps=args.steps, seed=args.seed)
-    print(f"VAE trained {args.steps} steps in {t_train:.0f} s; {x_test.shape[0]} held-out images")
+    P, enc, _, _, x_test, hist, t_train = train_vae(steps=args.steps, seed=args.seed, load=args.model)
+    how = f"loaded {args.model}" if args.model else f"trained {args.steps} steps in {t_train:.0f} s"
+    print(f"VAE {how}; {x_test.shape[0]} held-out images")
     with torch.no_grad():
         y_enc = enc(x_test)
     score = lambda y: float(P.elbo_estimate(y, x_test, n_samples=args.trace_samples).mean())  # noqa: E731
@@ -167,7 +168,9 @@ def vae(args) -> None:
 def sphere(args) -> None:
     from amortized.cli.amortize import train_sphere
 
-    P, am, x_test, t_train = train_sphere(steps=args.steps, seed=args.seed)
+    P, am, x_test, _, t_train = train_sphere(steps=0 if args.model else args.steps, seed=args.seed)
+    if args.model:
+        am.load(args.model)
     y_ref = P.solve(x_test)
     fns = {
         "model": lambda: am.predict(x_test, 0),
@@ -186,7 +189,8 @@ def sphere(args) -> None:
                 "median geodesic error (rad)": f"{float(d.median()):.4f}",
             }
         )
-    print(f"sphere model trained {args.steps} steps in {t_train:.0f} s; {x_test.shape[0]} held-out contexts")
+    how = f"loaded {args.model}" if args.model else f"trained {args.steps} steps in {t_train:.0f} s"
+    print(f"sphere model {how}; {x_test.shape[0]} held-out contexts")
     table(rows, ["method", "µs / instance", "solver ÷ method", "median geodesic error (rad)"])
 
 
@@ -202,6 +206,7 @@ def main() -> None:
     ap.add_argument("--train-labels", type=int, default=2000)
     ap.add_argument("--active-set-steps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10_000, help="vae/sphere training steps")
+    ap.add_argument("--model", default=None, help="vae/sphere: a model saved by the CLI (skips training)")
     ap.add_argument("--adam-iters", type=int, default=2000)
     ap.add_argument("--trace-samples", type=int, default=64)
     args = ap.parse_args()

@@ -394,11 +394,21 @@ def qp_proxy_cmd(
 
 # ============================================================================ VAE
 def train_vae(
-    *, steps: int, batch_size: int = 128, seed: int = 0, device: str = "cpu", n_test: int = 500, progress=None
+    *,
+    steps: int,
+    batch_size: int = 128,
+    seed: int = 0,
+    device: str = "cpu",
+    n_test: int = 500,
+    load: Path | None = None,
+    save: Path | None = None,
+    progress=None,
 ):
     """The VAE (encoder = the amortized model, decoder) trained by the objective loss −ELBO on
-    the digits' training split. Returns (problem, encoder, decoder, x_train, x_test, loss
-    history, training time); the decoder comes back frozen and the encoder in eval mode."""
+    the digits' training split, or loaded from `load` (a file `save` wrote: encoder and
+    decoder in one safetensors file + JSON sidecar). Returns (problem, encoder, decoder,
+    x_train, x_test, loss history, training time); the decoder comes back frozen and the
+    encoder in eval mode."""
     from amortized.problems.vae import VAEInference, load_digits_split, make_vae
 
     torch.manual_seed(seed)
@@ -406,18 +416,29 @@ def train_vae(
     x_train, x_test = (t.to(dev) for t in load_digits_split(n_test=n_test, seed=seed))
     enc, dec = (m.to(dev) for m in make_vae())
     P = VAEInference(dec, data=x_train)
-    am = Amortizer(P, enc, loss="objective")
-    hist, t_train = _fit(
-        am,
-        list(enc.parameters()) + list(dec.parameters()),
-        steps=steps,
-        batch_size=batch_size,
-        data=(x_train, None),
-        seed=seed,
-        lr=1e-3,
-        progress=progress,
-        name="train VAE (objective loss)",
-    )
+    both = Amortizer(P, nn.ModuleDict({"encoder": enc, "decoder": dec}))  # for save/load
+    if load is not None:
+        meta = both.load(load)["meta"]
+        hist, t_train = [], 0.0
+        if meta.get("seed") != seed:
+            raise ValueError(
+                f"{load} was trained with seed {meta.get('seed')} (its split differs), not {seed}"
+            )
+    else:
+        am = Amortizer(P, enc, loss="objective")
+        hist, t_train = _fit(
+            am,
+            list(enc.parameters()) + list(dec.parameters()),
+            steps=steps,
+            batch_size=batch_size,
+            data=(x_train, None),
+            seed=seed,
+            lr=1e-3,
+            progress=progress,
+            name="train VAE (objective loss)",
+        )
+        if save is not None:
+            both.save(save, meta={"seed": seed, "steps": steps, "batch_size": batch_size, "n_test": n_test})
     for prm in dec.parameters():
         prm.requires_grad_(False)
     enc.eval()
@@ -440,6 +461,7 @@ def run_vae(
     elbo_samples: int = 1000,
     trace_samples: int = 64,
     trace_every: int = 25,
+    load: Path | None = None,
     progress=None,
 ) -> dict:
     """The tutorial's VAE comparison on held-out digits: encoder vs per-datapoint Adam,
@@ -451,7 +473,14 @@ def run_vae(
     dev = torch.device(device)
     sync = (lambda: torch.cuda.synchronize(dev)) if dev.type == "cuda" else (lambda: None)
     P, enc, dec, x_train, x_test, hist, t_train = train_vae(
-        steps=steps, batch_size=batch_size, seed=seed, device=device, n_test=n_test, progress=progress
+        steps=steps,
+        batch_size=batch_size,
+        seed=seed,
+        device=device,
+        n_test=n_test,
+        load=load,
+        save=out / "vae.safetensors",
+        progress=progress,
     )
     task = _task(progress, "encoder vs Adam, amortization gap", 5)
     with torch.no_grad():
@@ -500,7 +529,8 @@ def run_vae(
         "n_test": n_test,
         "train_steps": steps,
         "train_time_s": t_train,
-        "final_train_loss": sum(hist[-100:]) / max(len(hist[-100:]), 1),
+        "loaded_model": None if load is None else str(load),
+        "final_train_loss": sum(hist[-100:]) / max(len(hist[-100:]), 1) if hist else None,
         "elbo_samples": elbo_samples,
         "encoder_elbo": e_enc,
         "adam_elbo_final": e_adam,
@@ -592,6 +622,7 @@ def vae_cmd(
     optimum_iters: int = typer.Option(1500),
     refine_steps: int = typer.Option(20),
     elbo_samples: int = typer.Option(1000),
+    load: Path = typer.Option(None, help="A vae.safetensors written by an earlier run: skip training."),
 ) -> None:
     """Amortized VI on the bundled digits: encoder vs Adam, time-to-match, amortization gap."""
     out.mkdir(parents=True, exist_ok=True)
@@ -607,6 +638,7 @@ def vae_cmd(
             optimum_iters=optimum_iters,
             refine_steps=refine_steps,
             elbo_samples=elbo_samples,
+            load=load,
             progress=progress,
         )
     write_json(out / "results.json", {"vae": res})
