@@ -6,6 +6,7 @@ import math
 from typer.testing import CliRunner
 
 from amortized.cli import app
+from amortized.cli.amortize import qp_time_to_match
 
 runner = CliRunner()
 
@@ -79,3 +80,15 @@ def test_sphere_cli(tmp_path):
     assert r["objective_gap"] >= -1e-9  # the reference optimum is never beaten by the model
     assert r["fine_tuned"]["objective_gap"] <= r["objective_gap"] + 1e-12  # descent steps help
     assert (tmp_path / "sphere_predictions.png").exists()
+
+
+def test_qp_time_to_match_by_hand():
+    trace = [
+        {"time_per_instance_s": 1.0, "objective_gap_rel": 0.5, "max_violation": 1e-3},
+        {"time_per_instance_s": 2.0, "objective_gap_rel": 1e-3, "max_violation": 1e-10},
+        {"time_per_instance_s": 3.0, "objective_gap_rel": 0.0, "max_violation": 1e-14},
+    ]
+    assert qp_time_to_match(trace, 0.01, 1e-6) == 2.0
+    assert qp_time_to_match(trace, -0.6, 1.0) == 1.0  # |gap| is compared
+    assert qp_time_to_match(trace, 0.0, 0.0) == 3.0  # exact methods: below 1e-9 counts as exact
+    assert qp_time_to_match(trace[:2], 0.0, 0.0) is None

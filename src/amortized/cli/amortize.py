@@ -738,10 +738,10 @@ def run_sphere(
     )
     model = am.model
     task = _task(progress, "reference optimum + evaluation", 2)
-    r = am.evaluate(x_test, repeats=5, solver_repeats=1, solver_trace=P.solve_trace(x_test))
+    y_ref, trace = P.solve_trace(x_test)
+    r = am.evaluate(x_test, y_ref=y_ref, solver=P.solve, repeats=5, solver_repeats=1, solver_trace=trace)
     _advance(progress, task)
     am.save(out / "sphere_model.safetensors", meta={"sizes": [16, 128, 128, 3], "activation": "SiLU"})
-    y_ref = P.solve(x_test)
     r_ft = am.evaluate(x_test, y_ref=y_ref, solver_repeats=0, refine_steps=refine_steps)
     _advance(progress, task)
     d = P.distance(am.predict(x_test, 0), y_ref)

@@ -89,9 +89,9 @@ class SphereProblem:
             -1
         ]
 
-    def solve_trace(self, x: Tensor) -> tuple[list[float], list[float]]:
-        """The reference solver's progress: cumulative wall times and mean objective after the
-        grid search and after each Riemannian step (for time-to-match)."""
+    def solve_trace(self, x: Tensor) -> tuple[Tensor, tuple[list[float], list[float]]]:
+        """`solve` with its progress: the solution (B, 3) and (cumulative wall times, mean
+        objective) after the grid search and after each Riemannian step (for time-to-match)."""
         t0 = time.perf_counter()
         y = self.grid_search(x)
         times, values = [time.perf_counter() - t0], [float(self.objective(y, x).mean())]
@@ -101,7 +101,7 @@ class SphereProblem:
             y = step(self.objective, y, x, 1, create_graph=False)[-1]
             times.append(times[-1] + time.perf_counter() - t0)
             values.append(float(self.objective(y, x).mean()))  # outside the timed region
-        return times, values
+        return y, (times, values)
 
     def distance(self, y: Tensor, y_ref: Tensor) -> Tensor:
         return geodesic(y, y_ref)
