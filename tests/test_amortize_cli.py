@@ -3,6 +3,7 @@
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from amortized.cli import app
@@ -92,3 +93,19 @@ def test_qp_time_to_match_by_hand():
     assert qp_time_to_match(trace, -0.6, 1.0) == 1.0  # |gap| is compared
     assert qp_time_to_match(trace, 0.0, 0.0) == 3.0  # exact methods: below 1e-9 counts as exact
     assert qp_time_to_match(trace[:2], 0.0, 0.0) is None
+
+
+def test_vae_checkpoint_round_trip(tmp_path):
+    import torch
+
+    from amortized.cli.amortize import train_vae
+
+    path = tmp_path / "vae.safetensors"
+    _, enc, dec, _, x_test, _, _ = train_vae(steps=2, batch_size=8, save=path)
+    _, enc2, dec2, _, _, hist, _ = train_vae(steps=2, load=path)
+    assert hist == [] and not list(tmp_path.glob("*.tmp"))
+    with torch.no_grad():
+        assert torch.equal(enc(x_test), enc2(x_test))
+        assert torch.equal(dec(enc(x_test)[:, :10]), dec2(enc2(x_test)[:, :10]))
+    with pytest.raises(ValueError, match="seed"):
+        train_vae(steps=0, seed=1, load=path)
