@@ -20,6 +20,7 @@ from amortized.amortize import (
     EqualityCompletion,
     GradientRefiner,
     SimplexProjection,
+    SolverRefiner,
     SphereProjection,
     iterate_weights,
     time_to_match,
@@ -90,6 +91,93 @@ def test_semi_amortized_unrolled_training_recovers_the_map(weights):
     assert (am.predict(x, refine_steps=3) - prob.solve(x)).abs().max() < 2e-2
     if weights != "last":
         assert (am.model.net.weight - prob.W).abs().max() < 2e-2
+
+
+def test_solver_refiner_is_the_library_solver():
+    # am.argmin's gradient descent is the same iteration as GradientRefiner, unrolled or not.
+    prob = ParametricQuadratic()
+    x = prob.sample(5, torch.Generator().manual_seed(4))
+    y0 = torch.randn(5, N, dtype=torch.float64, requires_grad=True)
+    ys = SolverRefiner("gd", lr=0.3, tol=0.0)(prob.objective, y0, x, 6)
+    ref = GradientRefiner(0.3)(prob.objective, y0, x, 6)
+    assert len(ys) == 2
+    torch.testing.assert_close(ys[-1], ref[-1])
+    g1, g2 = (torch.autograd.grad(y.sum(), y0)[0] for y in (ys[-1], ref[-1]))
+    torch.testing.assert_close(g1, g2)
+    am = Amortizer(
+        prob, linear_model(), refiner=SolverRefiner("lbfgs"), train_refine_steps=3, weights="constant"
+    )
+    fit(am, steps=100, lr=0.1)
+    assert (am.model.net.weight - prob.W).abs().max() < 5e-2
+
+
+@pytest.mark.parametrize("refiner", [GradientRefiner(0.3), AdamRefiner(0.1), SolverRefiner("gd", lr=0.3)])
+def test_semi_amortized_implicit_training_recovers_the_map(refiner):
+    prob = ParametricQuadratic()
+    am = Amortizer(
+        prob,
+        linear_model(),
+        refiner=refiner,
+        train_refine_steps=5,
+        weights="constant",
+        refine_grad="implicit",
+    )
+    fit(am, steps=150, lr=0.1)
+    assert (am.model.net.weight - prob.W).abs().max() < 2e-2
+
+
+class LearnedQuadratic(ParametricQuadratic):
+    """y*(x) = W x with W the weight of `objective_module` (a parameter of f, as a decoder)."""
+
+    def __init__(self):
+        super().__init__()
+        self.objective_module = nn.Linear(D, N, bias=False).double()
+        with torch.no_grad():
+            self.objective_module.weight.copy_(self.W)
+
+    def objective(self, y, x):
+        r = y - self.objective_module(x)
+        return 0.5 * ((r @ self.H) * r).sum(-1)
+
+
+@pytest.mark.parametrize(
+    "refiner",
+    [GradientRefiner(0.3), AdamRefiner(0.2), GradientRefiner(0.3, retract=lambda y: y, riemannian=False)],
+)
+def test_implicit_refinement_gradient_is_the_solution_map_derivative(refiner):
+    # With L = Σ ‖y_K‖² and y* = W x: dL/dW = 2 y_Kᵀ x and dL/dx = 2 y_K W, whatever the
+    # model predicted; the steps are not differentiated, only their fixed point.
+    prob = LearnedQuadratic()
+    K = 100
+    am = Amortizer(
+        prob,
+        linear_model(),
+        refiner=refiner,
+        train_refine_steps=K,
+        weights="constant",
+        refine_grad="implicit",
+    )
+    x = prob.sample(6, torch.Generator().manual_seed(2)).requires_grad_()
+    y_K = am.iterates(x, K, create_graph=True)[-1]
+    W = prob.objective_module.weight
+    g_W, g_x, g_theta = torch.autograd.grad(
+        y_K.square().sum(), (W, x, am.model.net.weight), allow_unused=True
+    )
+    y = y_K.detach()
+    torch.testing.assert_close(g_W, 2 * y.T @ x.detach(), atol=1e-8, rtol=1e-8)
+    torch.testing.assert_close(g_x, 2 * y @ prob.W, atol=1e-8, rtol=1e-8)
+    assert (y - x.detach() @ prob.W.T).abs().max() < 5e-2  # y_K near y* (Adam hovers within ~lr)
+    assert g_theta is None  # the fixed point does not depend on the model's prediction
+
+
+def test_implicit_refinement_needs_weight_on_the_prediction():
+    prob = ParametricQuadratic()
+    with pytest.raises(ValueError, match="put weight on y_0"):
+        Amortizer(
+            prob, linear_model(), refiner=GradientRefiner(0.3), train_refine_steps=3, refine_grad="implicit"
+        )
+    with pytest.raises(ValueError, match="refine_grad must be"):
+        Amortizer(prob, linear_model(), refine_grad="exact")
 
 
 def test_unrolled_gradient_matches_finite_differences():

@@ -3,9 +3,11 @@
 import json
 import math
 
+import pytest
 from typer.testing import CliRunner
 
 from amortized.cli import app
+from amortized.cli.amortize import qp_time_to_match
 
 runner = CliRunner()
 
@@ -17,13 +19,25 @@ def _run(tmp_path, *args):
 
 
 def test_qp_proxy_cli(tmp_path):
-    r = _run(tmp_path, "qp-proxy", "--steps", "20", "--n-examples", "120", "--trace-size", "4")["qp_proxy"]
+    r = _run(
+        tmp_path,
+        "qp-proxy",
+        "--steps",
+        "20",
+        "--n-examples",
+        "120",
+        "--trace-size",
+        "4",
+        "--trace-iters",
+        "12",
+    )["qp_proxy"]
     assert r["n_test"] == 9 and r["solver"]["max_abs_diff_vs_clarabel"] < 1e-6
     for name in (
         "regression",
         "objective_penalty",
         "dc3",
         "ours_active_set",
+        "ours_warm_started_exact",
         "active_set_cold_start",
     ):
         m = r["methods"][name]
@@ -38,7 +52,13 @@ def test_qp_proxy_cli(tmp_path):
     ours = r["methods"]["ours_active_set"]
     assert max(ours["max_eq_violation"], ours["max_ineq_violation"]) <= 1e-6
     assert abs(ours["objective_gap_rel"]) <= 1e-6  # KKT-checked or solved exactly
-    assert r["solver"]["time_per_instance_s"] > 0 and len(r["solver_trace"]) == 8
+    assert r["solver"]["time_per_instance_s"] > 0 and len(r["solver_trace"]) == 12
+    warm = r["methods"]["ours_warm_started_exact"]
+    assert max(warm["max_eq_violation"], warm["max_ineq_violation"]) <= 1e-6
+    # Exact methods are matched only by the solver's converged iterates; inexact ones earlier.
+    assert ours["time_to_match_per_instance_s"] is not None and ours["trace_batch_size"] == 4
+    assert r["methods"]["regression"]["speedup_time_to_match"] is not None
+    assert (tmp_path / "qp_regression.safetensors").exists()
     assert (tmp_path / "qp_proxy_time_vs_gap.png").stat().st_size > 0
 
 
@@ -61,3 +81,31 @@ def test_sphere_cli(tmp_path):
     assert r["objective_gap"] >= -1e-9  # the reference optimum is never beaten by the model
     assert r["fine_tuned"]["objective_gap"] <= r["objective_gap"] + 1e-12  # descent steps help
     assert (tmp_path / "sphere_predictions.png").exists()
+
+
+def test_qp_time_to_match_by_hand():
+    trace = [
+        {"time_per_instance_s": 1.0, "objective_gap_rel": 0.5, "max_violation": 1e-3},
+        {"time_per_instance_s": 2.0, "objective_gap_rel": 1e-3, "max_violation": 1e-10},
+        {"time_per_instance_s": 3.0, "objective_gap_rel": 0.0, "max_violation": 1e-14},
+    ]
+    assert qp_time_to_match(trace, 0.01, 1e-6) == 2.0
+    assert qp_time_to_match(trace, -0.6, 1.0) == 1.0  # |gap| is compared
+    assert qp_time_to_match(trace, 0.0, 0.0) == 3.0  # exact methods: below 1e-9 counts as exact
+    assert qp_time_to_match(trace[:2], 0.0, 0.0) is None
+
+
+def test_vae_checkpoint_round_trip(tmp_path):
+    import torch
+
+    from amortized.cli.amortize import train_vae
+
+    path = tmp_path / "vae.safetensors"
+    _, enc, dec, _, x_test, _, _ = train_vae(steps=2, batch_size=8, save=path)
+    _, enc2, dec2, _, _, hist, _ = train_vae(steps=2, load=path)
+    assert hist == [] and not list(tmp_path.glob("*.tmp"))
+    with torch.no_grad():
+        assert torch.equal(enc(x_test), enc2(x_test))
+        assert torch.equal(dec(enc(x_test)[:, :10]), dec2(enc2(x_test)[:, :10]))
+    with pytest.raises(ValueError, match="seed"):
+        train_vae(steps=0, seed=1, load=path)

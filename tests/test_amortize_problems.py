@@ -91,6 +91,10 @@ def test_sphere_geometry_and_reference():
     (gr,) = torch.autograd.grad(P.objective(yr, x).sum(), yr)
     riem = gr - (gr * y_ref).sum(-1, keepdim=True) * y_ref
     assert riem.norm(dim=-1).max() < 1e-4
+    y_tr, (times, values) = P.solve_trace(x)  # the same solve, with its progress
+    torch.testing.assert_close(y_tr, y_ref)
+    assert len(times) == len(values) == P.refine_steps + 1 and values[-1] <= values[0] + 1e-12
+    assert all(b >= a for a, b in zip(times, times[1:], strict=False))
 
 
 def test_vae_elbo_against_torch_distributions():

@@ -11,7 +11,7 @@ from amortized.amortize.models import (
     SphereProjection,
 )
 from amortized.amortize.problem import Problem, check_problem
-from amortized.amortize.refine import AdamRefiner, GradientRefiner
+from amortized.amortize.refine import AdamRefiner, GradientRefiner, SolverRefiner
 from amortized.amortize.report import EvalReport, time_to_match, timed
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "GradientRefiner",
     "Problem",
     "SimplexProjection",
+    "SolverRefiner",
     "SphereProjection",
     "check_problem",
     "iterate_weights",

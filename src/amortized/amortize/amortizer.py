@@ -1,9 +1,12 @@
 """`Amortizer`: learn ŷ_θ(x) ≈ y*(x), optionally refined by K differentiable solver steps.
 
 Full amortization: y = ŷ_θ(x). Semi-amortization: y_K from K refinement steps started at
-ŷ_θ(x), trained through by unrolling (`train_refine_steps`, the iterate-sum loss ℒ^Σ over
-y_0..y_K). Test-time fine-tuning (`test_refine_steps`) warm-starts the refiner from the
-prediction at evaluation time and is switched independently of training-time refinement.
+ŷ_θ(x) (`train_refine_steps`, the iterate-sum loss ℒ^Σ over y_0..y_K), trained through
+either by unrolling the steps (`refine_grad="unroll"`) or implicitly (`"implicit"`: the
+steps run without a graph and y_K gets the gradient of the refiner's fixed point through
+`amortized.custom_root`). Test-time fine-tuning (`test_refine_steps`) warm-starts the
+refiner from the prediction at evaluation time and is switched independently of
+training-time refinement.
 """
 
 import json
@@ -30,6 +33,16 @@ class Amortizer:
     refiner: a refiner callable (see `amortize.refine`), used for the K training-time steps
         (`train_refine_steps`, unrolled) and the test-time steps (`test_refine_steps`).
     weights: iterate weights of ℒ^Σ over y_0..y_K: "last", "constant", "increasing" or a list.
+    refine_grad: how training differentiates the K refinement steps. "unroll": backprop
+        through every step (memory and time grow with K). "implicit": the steps run without
+        a graph and y_K is differentiated as a fixed point of the refiner (its
+        `optimality(objective)`, e.g. ∇f = 0 or y = T(y)) with `amortized.custom_root`: a
+        linear solve per problem, memory independent of K, exact when the steps have
+        converged. The fixed point does not depend on where the steps started, so y_K
+        passes no gradient to the model: the model learns from the y_0 term (its weight
+        must be positive), and y_K trains the objective's own parameters (the problem's
+        optional `objective_module`, e.g. a VAE decoder) and anything upstream of x. The
+        intermediate iterates carry no gradient in this mode and their weights are unused.
     """
 
     def __init__(
@@ -45,6 +58,7 @@ class Amortizer:
         train_refine_steps: int = 0,
         test_refine_steps: int = 0,
         weights="last",
+        refine_grad: str = "unroll",
     ):
         check_problem(problem)
         if loss not in LOSSES:
@@ -64,8 +78,18 @@ class Amortizer:
             train_refine_steps,
             test_refine_steps,
         )
-        self.weights = weights
-        iterate_weights(weights, train_refine_steps, torch.zeros(()))  # validate early
+        if refine_grad not in ("unroll", "implicit"):
+            raise ValueError(f"refine_grad must be 'unroll' or 'implicit', got {refine_grad!r}")
+        self.weights, self.refine_grad = weights, refine_grad
+        w = iterate_weights(weights, train_refine_steps, torch.zeros(()))  # validate early
+        if refine_grad == "implicit" and train_refine_steps:
+            if not hasattr(refiner, "optimality"):
+                raise ValueError("refine_grad='implicit' needs a refiner with an optimality() function")
+            if float(w[0]) == 0.0:
+                raise ValueError(
+                    "refine_grad='implicit' gives y_K no gradient w.r.t. the model: put weight on y_0 "
+                    "(weights='constant', 'increasing' or a list with w_0 > 0)"
+                )
 
     # ----------------------------------------------------------------- prediction
     def iterates(self, x: Tensor, steps: int, *, create_graph: bool) -> list[Tensor]:
@@ -75,7 +99,36 @@ class Amortizer:
             y0 = self.problem.project(y0, x)
         if steps == 0:
             return [y0]
+        if create_graph and self.refine_grad == "implicit":
+            return self._implicit_iterates(y0, x, steps)
         return self.refiner(self.problem.objective, y0, x, steps, create_graph=create_graph)
+
+    def _implicit_iterates(self, y0: Tensor, x: Tensor, steps: int) -> list[Tensor]:
+        """[y0, y_1, …, y_K]: the steps run without a graph; y_K is differentiable w.r.t. x and
+        the objective module's parameters θ through F(y_K, x, θ) = 0 (`custom_root`)."""
+        from amortized.implicit import custom_root
+
+        module = getattr(self.problem, "objective_module", None)
+        named = [] if module is None else [(k, p) for k, p in module.named_parameters() if p.requires_grad]
+        names, thetas = [k for k, _ in named], [p for _, p in named]
+        holder = _ObjectiveCall(self.problem, module)
+
+        def f(y, x_, *theta):  # f(y; x) with θ explicit, so the backward can differentiate it
+            if not theta:
+                return self.problem.objective(y, x_)
+            swapped = {f"module.{k}": t for k, t in zip(names, theta, strict=True)}
+            return torch.func.functional_call(holder, swapped, (y, x_))
+
+        def run(init, x_, *theta):
+            ys = self.refiner(self.problem.objective, init, x_, steps, create_graph=False)
+            return ys[-1], ys if len(ys) == steps + 1 else [init, ys[-1]]
+
+        sym = bool(getattr(self.refiner, "symmetric", False))
+        solver = custom_root(
+            self.refiner.optimality(f), "cg" if sym else "gmres", symmetric=sym, has_aux=True
+        )
+        y_K, ys = solver(run)(y0.detach(), x, *thetas)
+        return [y0, *ys[1:-1], y_K]
 
     def predict(self, x: Tensor, refine_steps: int | None = None) -> Tensor:
         """ŷ (B, n) for contexts x (B, d_x), after `refine_steps` (default test_refine_steps)."""
@@ -90,9 +143,12 @@ class Amortizer:
         """The training loss ℒ^Σ on a batch x (B, d_x), labels y_star (B, n) if any."""
         ys = self.iterates(x, self.train_refine_steps, create_graph=True)
         w = iterate_weights(self.weights, self.train_refine_steps, ys[0])
+        if len(ys) == 2 and len(w) > 2:  # a refiner that returns only [y_0, y_K]
+            w = torch.stack([w[0], w[1:].sum()])
         total = ys[0].new_zeros(())
-        for wk, y in zip(w, ys, strict=True):
-            if float(wk) == 0.0:
+        for k, (wk, y) in enumerate(zip(w, ys, strict=True)):
+            implicit_middle = self.refine_grad == "implicit" and 0 < k < len(ys) - 1
+            if float(wk) == 0.0 or implicit_middle:  # middle iterates carry no gradient here
                 continue
             total = total + wk * self._loss_one(y, x, y_star)
         return total
@@ -232,6 +288,7 @@ class Amortizer:
             "train_refine_steps": self.train_refine_steps,
             "test_refine_steps": self.test_refine_steps,
             "weights": self.weights,
+            "refine_grad": self.refine_grad,
             "meta": meta or {},
         }
         tmp = path.with_name(path.name + ".tmp")
@@ -257,6 +314,18 @@ class Amortizer:
         except RuntimeError as e:
             raise ValueError(f"checkpoint {path} does not match this model's parameters: {e}") from None
         return sidecar
+
+
+class _ObjectiveCall(nn.Module):
+    """(y, x) ↦ problem.objective(y, x) as a module holding the objective's parameters, so
+    torch.func.functional_call can substitute them (the implicit backward needs θ explicit)."""
+
+    def __init__(self, problem, module: nn.Module | None):
+        super().__init__()
+        self.problem, self.module = problem, module
+
+    def forward(self, y: Tensor, x: Tensor) -> Tensor:
+        return self.problem.objective(y, x)
 
 
 def _max(v: Tensor) -> float:

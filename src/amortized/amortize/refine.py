@@ -9,6 +9,13 @@ stay differentiable w.r.t. y0 (hence the model's parameters) and the objective's
 parameters. With create_graph=False the iterates are detached (test-time fine-tuning).
 A solver of `amortized.solvers` plugs in by wrapping it in this signature.
 
+A refiner that also has `optimality(objective) -> F` and `symmetric` can be trained through
+implicitly (`Amortizer(..., refine_grad="implicit")`): F(y, x, *θ) (B, n) vanishes at the
+refiner's fixed points (θ the objective's parameters), and `amortized.custom_root`
+differentiates y_K through F(y_K, x, θ) = 0 instead of through the K steps. F must use
+torch.func (not torch.autograd.grad), as the implicit backward linearizes it with
+torch.func.vjp.
+
 Rows of the batch are independent problems, so ∇_y Σ_b f(y_b; x_b) gives every row's own
 gradient in one backward pass.
 """
@@ -30,6 +37,11 @@ def _grad(objective: Objective, y: Tensor, x: Tensor, create_graph: bool) -> Ten
     return g
 
 
+def _func_grad(objective: Callable[..., Tensor], y: Tensor, *args) -> Tensor:
+    """∇_y Σ_b f(y_b; …) with torch.func, composable with torch.func.vjp (implicit backward)."""
+    return torch.func.grad(lambda y_: objective(y_, *args).sum())(y)
+
+
 class GradientRefiner:
     """y_{k+1} = retract(y_k − lr ∇_y f(y_k; x)), K steps.
 
@@ -45,6 +57,24 @@ class GradientRefiner:
         riemannian: bool = False,
     ):
         self.lr, self.retract, self.riemannian = lr, retract, riemannian
+        # y − T(y) = lr ∇f(y) has the symmetric Jacobian lr ∇²f unless a retraction or the
+        # tangent projection enters the step.
+        self.symmetric = retract is None and not riemannian
+
+    def step(self, g: Tensor, y: Tensor) -> Tensor:
+        """One step from y (B, n) with Euclidean gradient g (B, n)."""
+        if self.riemannian:
+            g = g - (g * y).sum(-1, keepdim=True) * y
+        y = y - self.lr * g
+        return y if self.retract is None else self.retract(y)
+
+    def optimality(self, objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """F(y, *args) = y − T(y): zero exactly at the fixed points of the step map T."""
+
+        def F(y, *args):
+            return y - self.step(_func_grad(objective, y, *args), y)
+
+        return F
 
     def __call__(
         self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
@@ -52,12 +82,7 @@ class GradientRefiner:
         ys = [y0 if create_graph else y0.detach()]
         y = ys[0]
         for _ in range(steps):
-            g = _grad(objective, y, x, create_graph)
-            if self.riemannian:
-                g = g - (g * y).sum(-1, keepdim=True) * y
-            y = y - self.lr * g
-            if self.retract is not None:
-                y = self.retract(y)
+            y = self.step(_grad(objective, y, x, create_graph), y)
             ys.append(y if create_graph else y.detach())
         return ys
 
@@ -70,6 +95,15 @@ class AdamRefiner:
 
     def __init__(self, lr: float | Tensor, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8):
         self.lr, self.betas, self.eps = lr, betas, eps
+        self.symmetric = True  # the optimality function ∇f has the Hessian as its Jacobian
+
+    def optimality(self, objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        """F(y, *args) = ∇_y f(y; …): Adam's fixed points are the stationary points of f."""
+
+        def F(y, *args):
+            return _func_grad(objective, y, *args)
+
+        return F
 
     def __call__(
         self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
@@ -86,3 +120,37 @@ class AdamRefiner:
             y = y - self.lr * (m / (1 - b1**k)) / ((v / (1 - b2**k)).sqrt() + self.eps)
             ys.append(y if create_graph else y.detach())
         return ys
+
+
+class SolverRefiner:
+    """At most K iterations of a solver of `amortized.solvers` (`am.argmin`: "lbfgs",
+    "newton", "gd", "adam") from the prediction; returns [y0, y_K] only (the solver keeps
+    its iterates to itself, so ℒ^Σ pools the weights of y_1..y_K onto y_K).
+
+    create_graph=True differentiates the iterations by unrolling (the solver's
+    grad="unroll"); implicit training goes through `optimality` (∇f = 0, symmetric) like the
+    other refiners. options go to the solver (lr, tol, …); the solver may stop before K
+    iterations on the problems it has solved.
+    """
+
+    def __init__(self, solver: str = "lbfgs", **options):
+        self.solver, self.options = solver, options
+        self.symmetric = True
+
+    def optimality(self, objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
+        def F(y, *args):
+            return _func_grad(objective, y, *args)
+
+        return F
+
+    def __call__(
+        self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
+    ) -> list[Tensor]:
+        from amortized.solvers import argmin
+
+        start = y0 if create_graph else y0.detach()
+        with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
+            sol = argmin(
+                objective, start, x, solver=self.solver, max_iter=steps, grad="unroll", **self.options
+            )
+        return [start, sol.y if create_graph else sol.y.detach()]

@@ -267,3 +267,18 @@ class ActiveSetWithFallback:
     ) -> list[Tensor]:
         y, self.last_fallback = solve_with_fallback(self.problem, self.active_set, y0.detach(), x, steps)
         return [y0, y]
+
+
+class WarmStartedSolve:
+    """Refiner: the exact batched solve (`am.solve_qp`) warm-started at the prediction.
+
+    Returns [y0, y*]; `steps` only switches it on (any steps ≥ 1 run one full solve).
+    """
+
+    def __init__(self, problem: QPProxyProblem):
+        self.problem = problem
+
+    def __call__(
+        self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = False
+    ) -> list[Tensor]:
+        return [y0, self.problem.solve(x, warm_start=y0.detach())]

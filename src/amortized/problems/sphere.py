@@ -11,6 +11,7 @@ and refines it by Riemannian gradient descent (projected gradient, then renormal
 """
 
 import math
+import time
 
 import torch
 from torch import Tensor
@@ -69,17 +70,38 @@ class SphereProblem:
         alpha = self.alpha_scale * torch.rand(n, self.m, generator=generator, dtype=self.dtype)
         return torch.cat([z.flatten(1), alpha], -1)
 
-    def solve(self, x: Tensor) -> Tensor:
-        """Reference optimum: best of a Fibonacci grid, then Riemannian gradient descent."""
+    def grid_search(self, x: Tensor) -> Tensor:
+        """(B, 3) the best point of the Fibonacci grid for each context."""
         pts = fibonacci_sphere(self.grid, dtype=x.dtype, device=x.device)
         best = []
         with torch.no_grad():
             for xc in x.split(256):  # bounds memory at B·grid·m distances
                 f = self.objective(pts.expand(xc.shape[0], -1, -1), xc)
                 best.append(pts[f.argmin(1)])
-        y0 = torch.cat(best)
-        ref = GradientRefiner(self.refine_lr, retract=SphereProjection(), riemannian=True)
-        return ref(self.objective, y0, x, self.refine_steps, create_graph=False)[-1]
+        return torch.cat(best)
+
+    def refiner(self) -> GradientRefiner:
+        return GradientRefiner(self.refine_lr, retract=SphereProjection(), riemannian=True)
+
+    def solve(self, x: Tensor) -> Tensor:
+        """Reference optimum: best of a Fibonacci grid, then Riemannian gradient descent."""
+        return self.refiner()(self.objective, self.grid_search(x), x, self.refine_steps, create_graph=False)[
+            -1
+        ]
+
+    def solve_trace(self, x: Tensor) -> tuple[Tensor, tuple[list[float], list[float]]]:
+        """`solve` with its progress: the solution (B, 3) and (cumulative wall times, mean
+        objective) after the grid search and after each Riemannian step (for time-to-match)."""
+        t0 = time.perf_counter()
+        y = self.grid_search(x)
+        times, values = [time.perf_counter() - t0], [float(self.objective(y, x).mean())]
+        step = self.refiner()
+        for _ in range(self.refine_steps):
+            t0 = time.perf_counter()
+            y = step(self.objective, y, x, 1, create_graph=False)[-1]
+            times.append(times[-1] + time.perf_counter() - t0)
+            values.append(float(self.objective(y, x).mean()))  # outside the timed region
+        return y, (times, values)
 
     def distance(self, y: Tensor, y_ref: Tensor) -> Tensor:
         return geodesic(y, y_ref)

@@ -68,6 +68,7 @@ class VAEInference:
             generator,
         )
         self.context_dim, self.solution_dim = 64, 2 * latent
+        self.objective_module = decoder  # f's own parameters (implicit refinement trains them)
 
     def elbo(self, y: Tensor, x: Tensor, eps: Tensor) -> Tensor:
         """(B,) ELBO with noise eps (S, B, d): the mean over S of log p(x|z_s) − KL."""
