@@ -42,6 +42,15 @@ def _func_grad(objective: Callable[..., Tensor], y: Tensor, *args) -> Tensor:
     return torch.func.grad(lambda y_: objective(y_, *args).sum())(y)
 
 
+def _stationarity(objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
+    """F(y, *args) = ∇_y f(y; …), the optimality function of a refiner that descends f."""
+
+    def F(y, *args):
+        return _func_grad(objective, y, *args)
+
+    return F
+
+
 class GradientRefiner:
     """y_{k+1} = retract(y_k − lr ∇_y f(y_k; x)), K steps.
 
@@ -98,12 +107,8 @@ class AdamRefiner:
         self.symmetric = True  # the optimality function ∇f has the Hessian as its Jacobian
 
     def optimality(self, objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        """F(y, *args) = ∇_y f(y; …): Adam's fixed points are the stationary points of f."""
-
-        def F(y, *args):
-            return _func_grad(objective, y, *args)
-
-        return F
+        """∇_y f(y; …) = 0: Adam's fixed points are the stationary points of f."""
+        return _stationarity(objective)
 
     def __call__(
         self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
@@ -138,10 +143,7 @@ class SolverRefiner:
         self.symmetric = True
 
     def optimality(self, objective: Callable[..., Tensor]) -> Callable[..., Tensor]:
-        def F(y, *args):
-            return _func_grad(objective, y, *args)
-
-        return F
+        return _stationarity(objective)
 
     def __call__(
         self, objective: Objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
