@@ -1,12 +1,13 @@
 """Implicit differentiation vs unrolling vs torchopt's implicit mode: hypergradient dL_val/dλ
 of batched ridge and ℓ2-regularized logistic regression (B = 64 problems, n features,
-m = 200 training samples, λ per problem), float64, CPU, 2 threads.
+m = 200 training samples, λ per problem), float64, CPU (--threads, default 2).
 
     w*(λ) = argmin_w  loss(X w, t) + ½ λ ‖w‖²,     L_val(w*) = validation loss
 
 Methods (same inputs, same process, alternated A B C D ..., median of --reps runs):
   implicit      am.custom_root on the no-grad forward solve, backward = per-problem CG on the
-                Hessian (matrix-free, torch.func vjp), default tolerance
+                Hessian (matrix-free, torch.func vjp), default tolerance (rtol = eps^0.6)
+  implicit-rtol=R  the same with CG rtol R (--rtols R ...: the accuracy/time trade-off)
   torchopt      torchopt.diff.implicit.custom_root, same forward, solve_cg(rtol=1e-10)
   unroll-K      K steps of gradient descent (step 1/L, gradient written out in plain torch)
                 tracked by autograd, backward through all of them
@@ -17,6 +18,7 @@ Gradient error: max relative error against the closed-form hypergradient
 −∇L_valᵀ H⁻¹ w* (H = the exact per-problem Hessian, dense Cholesky, tight forward solve).
 
     flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 5
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 3 --slow-reps 1 --sizes 1000
 """
 
 import argparse
@@ -109,13 +111,15 @@ def smoothness(kind, X, lam):
     return float(L.max())
 
 
-def method_fns(kind, X, t, Xv, tv):
+def method_fns(kind, X, t, Xv, tv, rtols=()):
     gf = grad_f(kind)
     lr = 1.0 / smoothness(kind, X, torch.ones(1, dtype=DT) * 1.5)
 
-    def implicit(lam):
-        solver = am.custom_root(gf, solve="cg")(lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_))
-        return solver(None, lam, X, t)
+    def implicit(rtol=None):
+        solver = am.custom_root(gf, solve="cg", rtol=rtol)(
+            lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
+        )
+        return lambda lam: solver(None, lam, X, t)
 
     def unroll(K):
         # The strongest unrolled baseline: plain tensor ops with the gradient written out
@@ -130,7 +134,9 @@ def method_fns(kind, X, t, Xv, tv):
 
         return run
 
-    fns = {"implicit": implicit, "unroll-100": unroll(100), "unroll-1000": unroll(1000)}
+    fns = {"implicit": implicit()}
+    fns.update({f"implicit-rtol={r:g}": implicit(r) for r in rtols})
+    fns.update({"unroll-100": unroll(100), "unroll-1000": unroll(1000)})
     try:
         import torchopt
 
@@ -199,11 +205,11 @@ def run_once(fn, kind, lam0, Xv, tv):
     return t1 - t0, t2 - t1, g
 
 
-def memory_probe(kind, n, B, method):
+def memory_probe(kind, n, B, method, threads, rtols):
     """Peak RSS increase (MiB) of one forward+backward, in this (fresh) process."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     X, t, Xv, tv, lam = make(kind, B, n)
-    fn = method_fns(kind, X, t, Xv, tv)[method]
+    fn = method_fns(kind, X, t, Xv, tv, rtols)[method]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_once(fn, kind, lam, Xv, tv)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -219,12 +225,17 @@ def main():
     ap.add_argument("--out", default="benchmarks/implicit_results.json")
     ap.add_argument("--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)")
     ap.add_argument("--slow-reps", type=int, default=None, help="reps of unroll-1000 at n >= 1000")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rtols", type=float, nargs="*", default=[], help="extra implicit rows, CG rtol")
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "N", "METHOD"))
     args = ap.parse_args()
     if args.probe:
-        print(json.dumps(memory_probe(args.probe[0], int(args.probe[1]), args.B, args.probe[2])))
+        probe = memory_probe(
+            args.probe[0], int(args.probe[1]), args.B, args.probe[2], args.threads, args.rtols
+        )
+        print(json.dumps(probe))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     cases = [(k, n) for k in args.kinds for n in args.sizes]
     if args.cases:
@@ -233,7 +244,7 @@ def main():
         if True:
             X, t, Xv, tv, lam = make(kind, args.B, n)
             ref = reference(kind, X, t, Xv, tv, lam)
-            fns = method_fns(kind, X, t, Xv, tv)
+            fns = method_fns(kind, X, t, Xv, tv, args.rtols)
             slow = {"unroll-1000"} if n >= 1000 else set()
             for k, fn in fns.items():  # warm-up (the slow method is warm from the others' runs)
                 if k not in slow:
@@ -268,7 +279,8 @@ def main():
                     print(json.dumps(rows[-1]), flush=True)
                     continue
                 rss = subprocess.run(
-                    [sys.executable, __file__, "--B", str(args.B), "--probe", kind, str(n), k],
+                    [sys.executable, __file__, "--B", str(args.B), "--threads", str(args.threads)]
+                    + ["--probe", kind, str(n), k, "--rtols", *map(str, args.rtols)],
                     capture_output=True,
                     text=True,
                     check=True,
