@@ -224,7 +224,9 @@ def main():
     ap.add_argument("--kinds", nargs="+", default=["ridge", "logistic"])
     ap.add_argument("--out", default="benchmarks/implicit_results.json")
     ap.add_argument("--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)")
-    ap.add_argument("--slow-reps", type=int, default=None, help="reps of unroll-1000 at n >= 1000")
+    ap.add_argument(
+        "--slow-reps", type=int, default=None, help="reps of unroll-1000 (then without its memory columns)"
+    )
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--rtols", type=float, nargs="*", default=[], help="extra implicit rows, CG rtol")
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "N", "METHOD"))
@@ -245,7 +247,7 @@ def main():
             X, t, Xv, tv, lam = make(kind, args.B, n)
             ref = reference(kind, X, t, Xv, tv, lam)
             fns = method_fns(kind, X, t, Xv, tv, args.rtols)
-            slow = {"unroll-1000"} if n >= 1000 else set()
+            slow = {"unroll-1000"} if n >= 1000 or args.slow_reps else set()
             for k, fn in fns.items():  # warm-up (the slow method is warm from the others' runs)
                 if k not in slow:
                     run_once(fn, kind, lam, Xv, tv)
