@@ -19,8 +19,10 @@ peak RSS increase of forward+backward measured in a fresh subprocess per method.
 Gradient error: max relative error against the closed-form hypergradient
 −∇L_valᵀ H⁻¹ w* (H = the exact per-problem Hessian, dense Cholesky, tight forward solve).
 
-    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 5
-    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 3 --slow-reps 1 --sizes 1000
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 9 --slow-reps 1 --sizes 100 \\
+        --threads 1 --rtols 1e-6 1e-7
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 3 --slow-reps 1 --sizes 1000 \\
+        --threads 1 --rtols 1e-6 1e-8
 """
 
 import argparse
