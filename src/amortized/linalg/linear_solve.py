@@ -30,12 +30,11 @@ Matvec = Callable[[Tensor], Tensor]
 
 
 def default_rtol(dtype: torch.dtype) -> float:
-    """Relative residual target: eps^0.6, about 4e-10 in float64 and 7e-5 in float32.
+    """Relative residual target: eps^(2/3), about 5e-11 in float64 and 3e-5 in float32.
 
-    The same power of eps as the batched solvers' default tolerance (`solvers.default_tol`):
-    the adjoint system is solved about as accurately as the forward one; tighter costs
-    matvecs without making the gradient of an approximate solution more accurate."""
-    return float(torch.finfo(dtype).eps ** 0.6)
+    (eps^0.6, 4e-10 / 7e-5, saves about 2 of 26 matvecs on the float64 benchmarks, but the
+    looser float32 gradients moved the digits DEQ demo's last epoch under its accuracy bar.)"""
+    return float(torch.finfo(dtype).eps ** (2 / 3))
 
 
 def _check_every(r: Tensor, check_every: int | None) -> int:
