@@ -6,7 +6,7 @@ m = 200 training samples, λ per problem), float64, CPU (--threads, default 2).
 
 Methods (same inputs, same process, alternated A B C D ..., median of --reps runs):
   implicit      am.custom_root on the no-grad forward solve, backward = per-problem CG on the
-                Hessian (matrix-free, torch.func vjp), default tolerance (rtol = eps^0.6)
+                Hessian (matrix-free, torch.func vjp), default tolerance (rtol = eps^(2/3))
   implicit-rtol=R  the same with CG rtol R (--rtols R ...: the accuracy/time trade-off)
   torchopt      torchopt.diff.implicit.custom_root, same forward, solve_cg(rtol=1e-10)
   unroll-K      K steps of gradient descent (step 1/L, gradient written out in plain torch)
