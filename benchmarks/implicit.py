@@ -1,22 +1,28 @@
 """Implicit differentiation vs unrolling vs torchopt's implicit mode: hypergradient dL_val/dλ
 of batched ridge and ℓ2-regularized logistic regression (B = 64 problems, n features,
-m = 200 training samples, λ per problem), float64, CPU, 2 threads.
+m = 200 training samples, λ per problem), float64, CPU (--threads, default 2).
 
     w*(λ) = argmin_w  loss(X w, t) + ½ λ ‖w‖²,     L_val(w*) = validation loss
 
 Methods (same inputs, same process, alternated A B C D ..., median of --reps runs):
   implicit      am.custom_root on the no-grad forward solve, backward = per-problem CG on the
-                Hessian (matrix-free, torch.func vjp), default tolerance
+                Hessian (matrix-free, torch.func vjp), default tolerance (rtol = eps^(2/3))
+  implicit-rtol=R  the same with CG rtol R (--rtols R ...: the accuracy/time trade-off)
   torchopt      torchopt.diff.implicit.custom_root, same forward, solve_cg(rtol=1e-10)
   unroll-K      K steps of gradient descent (step 1/L, gradient written out in plain torch)
                 tracked by autograd, backward through all of them
-Timed: the backward (torch.autograd.grad of L_val w.r.t. λ) and the forward, separately.
+Timed: the backward (torch.autograd.grad of L_val w.r.t. λ) and the forward, separately; the
+backward also in process CPU time (less inflated than wall time by other jobs on a shared
+machine when run with one thread).
 Memory: bytes of the tensors the autograd graph saves (deduplicated by storage), and the
 peak RSS increase of forward+backward measured in a fresh subprocess per method.
 Gradient error: max relative error against the closed-form hypergradient
 −∇L_valᵀ H⁻¹ w* (H = the exact per-problem Hessian, dense Cholesky, tight forward solve).
 
-    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 5
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 9 --slow-reps 1 --sizes 100 \\
+        --threads 1 --rtols 1e-6 1e-7
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 3 --slow-reps 1 --sizes 1000 \\
+        --threads 1 --rtols 1e-6 1e-8
 """
 
 import argparse
@@ -109,13 +115,15 @@ def smoothness(kind, X, lam):
     return float(L.max())
 
 
-def method_fns(kind, X, t, Xv, tv):
+def method_fns(kind, X, t, Xv, tv, rtols=()):
     gf = grad_f(kind)
     lr = 1.0 / smoothness(kind, X, torch.ones(1, dtype=DT) * 1.5)
 
-    def implicit(lam):
-        solver = am.custom_root(gf, solve="cg")(lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_))
-        return solver(None, lam, X, t)
+    def implicit(rtol=None):
+        solver = am.custom_root(gf, solve="cg", rtol=rtol)(
+            lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
+        )
+        return lambda lam: solver(None, lam, X, t)
 
     def unroll(K):
         # The strongest unrolled baseline: plain tensor ops with the gradient written out
@@ -130,7 +138,9 @@ def method_fns(kind, X, t, Xv, tv):
 
         return run
 
-    fns = {"implicit": implicit, "unroll-100": unroll(100), "unroll-1000": unroll(1000)}
+    fns = {"implicit": implicit()}
+    fns.update({f"implicit-rtol={r:g}": implicit(r) for r in rtols})
+    fns.update({"unroll-100": unroll(100), "unroll-1000": unroll(1000)})
     try:
         import torchopt
 
@@ -193,17 +203,17 @@ def run_once(fn, kind, lam0, Xv, tv):
     t0 = time.perf_counter()
     w = fn(lam)
     loss = val_loss(kind, w, Xv, tv)
-    t1 = time.perf_counter()
+    t1, c1 = time.perf_counter(), time.process_time()
     (g,) = torch.autograd.grad(loss, lam)
-    t2 = time.perf_counter()
-    return t1 - t0, t2 - t1, g
+    t2, c2 = time.perf_counter(), time.process_time()
+    return t1 - t0, (t2 - t1, c2 - c1), g
 
 
-def memory_probe(kind, n, B, method):
+def memory_probe(kind, n, B, method, threads, rtols):
     """Peak RSS increase (MiB) of one forward+backward, in this (fresh) process."""
-    torch.set_num_threads(2)
+    torch.set_num_threads(threads)
     X, t, Xv, tv, lam = make(kind, B, n)
-    fn = method_fns(kind, X, t, Xv, tv)[method]
+    fn = method_fns(kind, X, t, Xv, tv, rtols)[method]
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     run_once(fn, kind, lam, Xv, tv)
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
@@ -218,13 +228,20 @@ def main():
     ap.add_argument("--kinds", nargs="+", default=["ridge", "logistic"])
     ap.add_argument("--out", default="benchmarks/implicit_results.json")
     ap.add_argument("--cases", nargs="*", default=None, help="KIND:N pairs (overrides --kinds/--sizes)")
-    ap.add_argument("--slow-reps", type=int, default=None, help="reps of unroll-1000 at n >= 1000")
+    ap.add_argument(
+        "--slow-reps", type=int, default=None, help="reps of unroll-1000 (then without its memory columns)"
+    )
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--rtols", type=float, nargs="*", default=[], help="extra implicit rows, CG rtol")
     ap.add_argument("--probe", nargs=3, metavar=("KIND", "N", "METHOD"))
     args = ap.parse_args()
     if args.probe:
-        print(json.dumps(memory_probe(args.probe[0], int(args.probe[1]), args.B, args.probe[2])))
+        probe = memory_probe(
+            args.probe[0], int(args.probe[1]), args.B, args.probe[2], args.threads, args.rtols
+        )
+        print(json.dumps(probe))
         return
-    torch.set_num_threads(2)
+    torch.set_num_threads(args.threads)
     rows = []
     cases = [(k, n) for k in args.kinds for n in args.sizes]
     if args.cases:
@@ -233,12 +250,12 @@ def main():
         if True:
             X, t, Xv, tv, lam = make(kind, args.B, n)
             ref = reference(kind, X, t, Xv, tv, lam)
-            fns = method_fns(kind, X, t, Xv, tv)
-            slow = {"unroll-1000"} if n >= 1000 else set()
+            fns = method_fns(kind, X, t, Xv, tv, args.rtols)
+            slow = {"unroll-1000"} if n >= 1000 or args.slow_reps else set()
             for k, fn in fns.items():  # warm-up (the slow method is warm from the others' runs)
                 if k not in slow:
                     run_once(fn, kind, lam, Xv, tv)
-            times = {k: ([], []) for k in fns}
+            times = {k: ([], [], []) for k in fns}
             errs = {}
             reps_of = {k: args.slow_reps if k in slow and args.slow_reps else args.reps for k in fns}
             for rep in range(args.reps):  # alternate the methods
@@ -247,7 +264,8 @@ def main():
                         continue
                     tf, tb, g = run_once(fn, kind, lam, Xv, tv)
                     times[k][0].append(tf)
-                    times[k][1].append(tb)
+                    times[k][1].append(tb[0])
+                    times[k][2].append(tb[1])
                     errs[k] = float(((g - ref).abs() / ref.abs().clamp_min(1e-300)).max())
             for k, fn in fns.items():
                 if k in slow:  # one more 1000-step run is too long for the shared machine
@@ -259,6 +277,7 @@ def main():
                             "method": k,
                             "forward_ms": 1e3 * statistics.median(times[k][0]),
                             "backward_ms": 1e3 * statistics.median(times[k][1]),
+                            "backward_cpu_ms": 1e3 * statistics.median(times[k][2]),
                             "graph_MiB": float("nan"),
                             "peak_rss_MiB": float("nan"),
                             "grad_rel_err": errs[k],
@@ -268,7 +287,8 @@ def main():
                     print(json.dumps(rows[-1]), flush=True)
                     continue
                 rss = subprocess.run(
-                    [sys.executable, __file__, "--B", str(args.B), "--probe", kind, str(n), k],
+                    [sys.executable, __file__, "--B", str(args.B), "--threads", str(args.threads)]
+                    + ["--probe", kind, str(n), k, "--rtols", *map(str, args.rtols)],
                     capture_output=True,
                     text=True,
                     check=True,
@@ -282,6 +302,7 @@ def main():
                         "method": k,
                         "forward_ms": 1e3 * statistics.median(times[k][0]),
                         "backward_ms": 1e3 * statistics.median(times[k][1]),
+                        "backward_cpu_ms": 1e3 * statistics.median(times[k][2]),
                         "graph_MiB": saved_bytes(fn, kind, lam_g, (X, t, Xv, tv, lam_g)) / 2**20,
                         "peak_rss_MiB": float(rss.strip().splitlines()[-1]),
                         "grad_rel_err": errs[k],
@@ -309,15 +330,15 @@ def table(rows, meta):
         f"torch {meta['torch']}, torchopt {meta['torchopt']}, {meta['threads']} threads, "
         f"median of {meta['reps']}",
         "",
-        "| problem | n | method | reps | forward ms | backward ms | graph MiB | peak RSS MiB "
-        "| grad rel err |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| problem | n | method | reps | forward ms | backward ms | backward CPU ms | graph MiB "
+        "| peak RSS MiB | grad rel err |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['problem']} | {r['n']} | {r['method']} | {r.get('reps', meta['reps'])} | "
             f"{r['forward_ms']:.1f} | "
-            f"{r['backward_ms']:.1f} | "
+            f"{r['backward_ms']:.1f} | {r.get('backward_cpu_ms', float('nan')):.1f} | "
             f"{r['graph_MiB']:.2f} | {r['peak_rss_MiB']:.0f} | {r['grad_rel_err']:.1e} |"
         )
     return "\n".join(lines)

@@ -343,3 +343,67 @@ def test_tuple_solution_and_aux():
     rc = (X @ wc.unsqueeze(-1)).squeeze(-1) - t
     (g_ref,) = torch.autograd.grad(wc.sum() + rc.square().sum(), lam_c)
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-11)
+
+
+def test_user_callable_solve_returning_only_x():
+    """A user's linear solve (here: materialize the Jacobian, dense LU) that returns x alone."""
+    X, t, lam = ridge_data(seed=17)
+
+    def dense(matvec, r):
+        A = linear_solve.materialize(matvec, r)
+        return torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1)
+
+    solver = custom_root(_ridge_grad, solve=dense)(_np_ridge_solver)
+    args = [a.clone().requires_grad_() for a in (X, t, lam)]
+    c = torch.randn(4, 5, generator=torch.Generator().manual_seed(18), dtype=F64)
+    grads = torch.autograd.grad((solver(None, *args) * c).sum(), args)
+    ref_args = [a.clone().requires_grad_() for a in (X, t, lam)]
+    ref = torch.autograd.grad((ridge_closed_form(*ref_args)[0] * c).sum(), ref_args)
+    for a, b in zip(grads, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-11)
+
+
+def test_gradcheck_argmin_logistic():
+    """gradcheck of the whole pipeline (Newton forward, implicit CG backward) w.r.t. the data
+    and the log-regularization of a logistic regression."""
+    g = torch.Generator().manual_seed(19)
+    X = torch.randn(2, 8, 3, generator=g, dtype=F64)
+    t = (torch.rand(2, 8, generator=g, dtype=F64) < 0.5).to(F64)
+    log_lam = torch.randn(2, generator=g, dtype=F64) * 0.3
+    y0 = torch.zeros(2, 3, dtype=F64)
+
+    def solve(X_, log_lam_):
+        return am.argmin(logistic_f, y0, X_, t, log_lam_, solver="newton", tol=1e-13).y
+
+    assert torch.autograd.gradcheck(solve, (X.requires_grad_(), log_lam.requires_grad_()), fast_mode=True)
+
+
+def test_vmap_of_grad_through_argmin():
+    X, t, lam = ridge_data(seed=20)
+    y0 = torch.zeros(4, 5, dtype=F64)
+    loss = lambda l: am.argmin(ridge_f, y0, X, t, l, solver="newton").y.square().sum()
+    ref = lambda l: ridge_closed_form(X, t, l)[0].square().sum()
+    lams = lam + torch.rand(3, 4, generator=torch.Generator().manual_seed(21), dtype=F64)
+    torch.testing.assert_close(
+        torch.func.vmap(torch.func.grad(loss))(lams),
+        torch.stack([torch.func.grad(ref)(l) for l in lams]),
+        rtol=1e-8,
+        atol=1e-10,
+    )
+
+
+def test_cg_on_cpu_stops_at_the_iteration_that_converges():
+    """CG on N distinct eigenvalues converges in N steps; on the CPU the convergence check
+    runs every iteration, so no matvec is spent after that."""
+    N = 7
+    A = torch.diag_embed(torch.linspace(1.0, 4.0, N, dtype=F64)).expand(3, N, N)
+    r = torch.randn(3, N, generator=torch.Generator().manual_seed(22), dtype=F64)
+    calls = []
+
+    def matvec(v):
+        calls.append(1)
+        return (A @ v.unsqueeze(-1)).squeeze(-1)
+
+    x, ok = linear_solve.cg(matvec, r)
+    assert ok.all() and len(calls) == N
+    torch.testing.assert_close(x, torch.linalg.solve(A, r.unsqueeze(-1)).squeeze(-1))

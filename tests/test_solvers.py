@@ -212,3 +212,31 @@ def test_callback_sees_every_iteration():
     )
     assert [k for k, _ in seen] == list(range(len(seen))) and len(seen) == sol.history.shape[0]
     assert seen[-1][1] == float(sol.residual.max())
+
+
+def test_truncated_gradient_descent_matches_its_closed_form():
+    """grad="truncated" on ridge regression: K steps w ← w − η(A w − Xᵀt) (A = XᵀX + λI) from
+    the detached solution w* give dw_K/dλ = −(I − (I − ηA)^K) A⁻¹ w*, which tends to the
+    implicit −A⁻¹ w* as K grows."""
+    g = torch.Generator().manual_seed(23)
+    B, m, n = 3, 10, 4
+    X = torch.randn(B, m, n, generator=g, dtype=F64)
+    t = torch.randn(B, m, generator=g, dtype=F64)
+    lam = torch.rand(B, generator=g, dtype=F64) + 0.5
+    f = lambda w, X, t, lam: (
+        0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(-1) + (0.5 * lam * w.square().sum(-1))
+    )
+    A = X.mT @ X + lam[:, None, None] * torch.eye(n, dtype=F64)
+    w = torch.linalg.solve(A, (X.mT @ t.unsqueeze(-1)).squeeze(-1))
+    lr = float(1 / torch.linalg.eigvalsh(A).amax())
+    c = torch.randn(B, n, generator=g, dtype=F64)
+    for K in (1, 3, 10):
+        lam_k = lam.clone().requires_grad_()
+        sol = solvers.gradient_descent(
+            f, torch.zeros(B, n, dtype=F64), X, t, lam_k, lr=lr, max_iter=20000, grad="truncated", truncate=K
+        )
+        assert sol.solved.all()
+        (g_trunc,) = torch.autograd.grad((sol.y * c).sum(), lam_k)
+        P = torch.linalg.matrix_power(torch.eye(n, dtype=F64) - lr * A, K)
+        dw = -((torch.eye(n, dtype=F64) - P) @ torch.linalg.solve(A, w.unsqueeze(-1))).squeeze(-1)
+        torch.testing.assert_close(g_trunc, (dw * c).sum(-1), rtol=1e-7, atol=1e-9)

@@ -73,21 +73,28 @@ class _Implicit(torch.autograd.Function):
                 full[i] = p
             return tuple(ctx.F(*ys_, *full))
 
+        out: list[Tensor | None] = [None] * len(params)
+        if not wanted:
+            return (None,) * (_N_FIXED + ctx.n_pre) + tuple(out)
         ys_d = tuple(y.detach() for y in ys)
         ps_d = tuple(params[i].detach() for i in wanted)
+        # Two linearizations of F: one in y alone for the solve's matvecs, so that no
+        # iteration computes the parameter cotangents it would throw away (for a layer's
+        # weights they cost as much as the y-product), and one in θ for the final vjp.
         with torch.enable_grad():
-            _, vjp_fn = torch.func.vjp(F_of, ys_d, ps_d)
+            _, vjp_y = torch.func.vjp(lambda ys_: F_of(ys_, ps_d), ys_d)
 
         def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
-            return vjp_fn(u)[0]
+            return vjp_y(u)[0]
 
         u = tuple(ctx.solve(matvec, v))
         for _ in range(ctx.refine):
             JTu = matvec(u)
             du = ctx.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)))
             u = tuple(ui + di for ui, di in zip(u, du, strict=False))
-        _, grads = vjp_fn(tuple(-ui for ui in u))
-        out: list[Tensor | None] = [None] * len(params)
+        with torch.enable_grad():
+            _, vjp_p = torch.func.vjp(lambda ps_: F_of(ys_d, ps_), ps_d)
+        (grads,) = vjp_p(tuple(-ui for ui in u))
         for i, g in zip(wanted, grads, strict=False):
             out[i] = g
         return (None,) * (_N_FIXED + ctx.n_pre) + tuple(out)
