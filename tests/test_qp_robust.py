@@ -179,3 +179,17 @@ def test_property_answer_does_not_depend_on_the_batch(data, k):
     alone = am.solve_qp(*(x[k : k + 1] for x in data))
     torch.testing.assert_close(alone.z[0], full.z[k], rtol=0, atol=1e-8)
     assert alone.status[0] == full.status[k]
+
+
+@pytest.mark.parametrize("cost", [1.0, 1e4])
+def test_unbounded_detected_on_badly_scaled_data(cost):
+    """Rows and columns scaled by 1e±3 (Ruiz rescales them): the ray is still found and is
+    reported in the original coordinates."""
+    G = torch.tensor([[0, 1e3, 0], [0, 0, 1e-3], [0, 0, -1e-3], [-1.0, 0, 0]], dtype=torch.float64)
+    h = torch.ones(4, dtype=torch.float64)
+    p = cost * torch.tensor([-1.0, 0, 0], dtype=torch.float64)
+    sol = am.solve_qp(torch.zeros(3, 3, dtype=torch.float64), p, G, h)
+    assert sol.status.tolist() == [UNBOUNDED]
+    d = sol.z[0]
+    torch.testing.assert_close(p @ d, torch.tensor(-1.0, dtype=torch.float64), rtol=0, atol=1e-9)
+    assert (G @ d).max() <= 1e-6 * d.abs().max()

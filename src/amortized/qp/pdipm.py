@@ -318,7 +318,7 @@ def _unbounded(res: Residuals, eps_inf: float) -> Tensor:
     """(B,) whether the iterate z runs off along a ray of recession (see `pdipm`)."""
     d, it, N = res.d, res.it, Residuals._norm
     # original z = D z̃; with x = z̃ the products below map to the original ones by weights
-    w_z = None if res.w_c is None else res.w_x / res.w_c.unsqueeze(-1)  # = D
+    w_z = None if res.w_c is None else res.w_c.unsqueeze(-1) / res.w_x  # (1/c)/(1/(cD)) = D
     size = N(it.z, w_z)
     big = size * eps_inf >= 1 + torch.maximum(N(d.h, res.w_i), N(d.b, res.w_e))
     if not bool(big.any()):  # the usual case: skip the rest (a sync beats ~15 small ops)
