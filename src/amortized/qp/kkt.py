@@ -39,7 +39,7 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
     (least-change) answer instead of a NaN. Problems that are not `solved` (B,) get
     u = 0, hence zero gradients.
     """
-    G = result.res.d.G
+    G = result.G
     sc = result.scaling
     E_G, E_A = sc.split(G.shape[-2])
     c = sc.c.unsqueeze(-1)

@@ -168,10 +168,11 @@ def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iter
 
 @dataclass
 class PDIPMResult:
-    """The solver's answer in the original problem's terms (it, res), and what the implicit
-    backward needs to factor the KKT system at the solution, in the scaled problem's terms:
-    the scaled data `d`, its compliance D (B, m) (s/λ, or 0/∞ on a polished active set)
-    and the `scaling`."""
+    """The solver's answer in the original problem's terms (it; res measures the original
+    residuals through the scaling), and what the implicit backward needs to factor the KKT
+    system at the solution, in the scaled problem's terms: the scaled data `d`, its
+    compliance D (B, m) (s/λ, or 0/∞ on a polished active set) and the `scaling`; G is the
+    original inequality matrix."""
 
     it: Iterate
     res: Residuals
@@ -179,6 +180,7 @@ class PDIPMResult:
     iters: Tensor
     D: Tensor
     d: QPData
+    G: Tensor
     scaling: Scaling
     kkt_args: dict
 
@@ -214,7 +216,7 @@ def pdipm(
     ≤ eps_inf·(−pᵀx), with ‖z‖∞ ≥ 1/eps_inf·(1 + ‖h‖∞ + ‖b‖∞) (a solution that large is
     the only way a bounded problem could pass).
     """
-    orig = d
+    orig_G = d.G
     d, sc = ruiz(d) if scale else (d, _no_scaling(d))
     B, n, m, q = d.shape
     dtype = d.p.dtype
@@ -288,8 +290,10 @@ def pdipm(
         w.running = w.running & finite
     it, status, iters = w.flush(idx, it, status, iters)
     D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
-    it_orig = Iterate(*sc.unscale(*it.fields()))
-    return PDIPMResult(it_orig, Residuals(orig, it_orig), status, iters, D, d, sc, kkt_args)
+    # the residuals of the original problem, measured through the scaling weights (no
+    # second copy of the data in memory)
+    res = Residuals(d, it, sc)
+    return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig_G, sc, kkt_args)
 
 
 def _no_scaling(d: QPData) -> Scaling:

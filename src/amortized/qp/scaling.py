@@ -59,27 +59,29 @@ def ruiz(d: QPData, iters: int = 10, tol: float = 0.5) -> tuple[QPData, Scaling]
     cost factor c = 1 / max(mean column norm of Q̃, ‖p̃‖∞)."""
     B, n = d.p.shape
     m = d.G.shape[-2]
-    Q, C = d.Q, d.C
+    # one scaled copy of Q and C, rescaled in place; ∞-norms by reduction (no |·| copies)
+    Q, C = d.Q.clone(), torch.cat([d.G, d.A], -2)  # not d.C: it would stay cached on d
     D = d.p.new_ones(B, n)
     E = d.p.new_ones(B, C.shape[-2])
+    inf_norm = lambda M, dim: torch.linalg.vector_norm(M, float("inf"), dim=dim)
     for _ in range(iters):
-        col = Q.abs().amax(-2)
+        col = inf_norm(Q, -2)
         if C.shape[-2]:
-            col = torch.maximum(col, C.abs().amax(-2))
-            row = C.abs().amax(-1)
+            col = torch.maximum(col, inf_norm(C, -2))
+            row = inf_norm(C, -1)
         else:
             row = E
         if max(_deviation(col), _deviation(row)) <= tol:
             break
         dD, dE = _inv_sqrt_norm(col), _inv_sqrt_norm(row)
-        Q = dD.unsqueeze(-1) * Q * dD.unsqueeze(-2)
-        C = dE.unsqueeze(-1) * C * dD.unsqueeze(-2)
+        Q.mul_(dD.unsqueeze(-1)).mul_(dD.unsqueeze(-2))
+        C.mul_(dE.unsqueeze(-1)).mul_(dD.unsqueeze(-2))
         D, E = D * dD, E * dE
     p = D * d.p
-    cost = torch.maximum(Q.abs().amax(-2).mean(-1), p.abs().amax(-1))
+    cost = torch.maximum(inf_norm(Q, -2).mean(-1), inf_norm(p, -1))
     c = 1 / torch.where(cost > 0, cost, 1.0).clamp(_MIN, _MAX)
     scaled = QPData(
-        c[:, None, None] * Q,
+        Q.mul_(c[:, None, None]),
         c[:, None] * p,
         C[..., :m, :],
         E[..., :m] * d.h,
