@@ -10,7 +10,6 @@ training-time refinement.
 """
 
 import json
-import os
 from collections.abc import Callable
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from amortized.amortize.losses import LOSSES, iterate_weights, objective_loss, r
 from amortized.amortize.problem import check_problem, distance, violations
 from amortized.amortize.refine import Refiner
 from amortized.amortize.report import EvalReport, time_to_match, timed
+from amortized.atomic import save_tensors, write_json
 
 
 class Amortizer:
@@ -270,8 +270,6 @@ class Amortizer:
         The sidecar records the model class, dtype, library version, the amortizer's
         settings and `meta` (e.g. layer sizes needed to rebuild the model).
         """
-        from safetensors.torch import save_file
-
         from amortized import __version__
 
         path = Path(path)
@@ -291,13 +289,8 @@ class Amortizer:
             "refine_grad": self.refine_grad,
             "meta": meta or {},
         }
-        tmp = path.with_name(path.name + ".tmp")
-        save_file(state, str(tmp))
-        os.replace(tmp, path)
-        side = Path(str(path) + ".json")
-        tmp = side.with_name(side.name + ".tmp")
-        tmp.write_text(json.dumps(sidecar, indent=2))
-        os.replace(tmp, side)
+        save_tensors(state, path)
+        write_json(Path(str(path) + ".json"), sidecar)
 
     def load(self, path: str | Path) -> dict:
         """Load weights saved by `save` into this model (strict); returns the sidecar dict."""

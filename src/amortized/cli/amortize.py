@@ -4,8 +4,6 @@ Each command trains its models on generated or bundled data, evaluates them on h
 contexts against the exact solver, and writes DIR/results.json (atomically) and PNG plots.
 """
 
-import json
-import os
 import time
 from pathlib import Path
 
@@ -17,6 +15,7 @@ from rich.table import Table
 from torch import nn
 
 from amortized.amortize import MLP, AmortizedModel, Amortizer, EqualityCompletion, timed
+from amortized.atomic import save_figure, write_json
 
 app = typer.Typer(
     add_completion=False,
@@ -25,13 +24,6 @@ app = typer.Typer(
 )
 
 OutOpt = typer.Option(..., "--out", help="Folder for results.json and plots.")
-
-
-def write_json(path: Path, obj) -> None:
-    """Write JSON atomically (temporary file, then os.replace)."""
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _plt():
@@ -325,7 +317,7 @@ def _plot_qp(path: Path, res: dict) -> None:
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 
@@ -592,7 +584,7 @@ def _plot_vae(out: Path, res: dict, P, x, y_enc, snaps: dict) -> None:
     )
     ax.legend(fontsize=7)
     fig.tight_layout()
-    fig.savefig(out / "vae_elbo_vs_time.png", dpi=120)
+    save_figure(fig, out / "vae_elbo_vs_time.png", dpi=120)
     plt.close(fig)
     # Reconstructions (decoder means at μ) of held-out digits: Adam after k steps vs the encoder.
     ks = [k for k in (50, 200, 500, 1000, 2000) if k in snaps]
@@ -607,7 +599,7 @@ def _plot_vae(out: Path, res: dict, P, x, y_enc, snaps: dict) -> None:
                 axes[i, j].axis("off")
             axes[i, 0].set_title(name, fontsize=6, loc="left")
     fig.tight_layout()
-    fig.savefig(out / "vae_samples.png", dpi=120)
+    save_figure(fig, out / "vae_samples.png", dpi=120)
     plt.close(fig)
 
 
@@ -794,7 +786,7 @@ def _plot_sphere(path: Path, P, model, x, y_ref) -> None:
         axes.flat[0].legend(fontsize=7, loc="lower left")
     fig.suptitle("Sphere: f(y; x) on a longitude/latitude map, held-out contexts")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
 
 

@@ -1,6 +1,5 @@
 """`amortized demo`: every capability that has landed, end to end on built-in data."""
 
-import json
 import time
 from pathlib import Path
 
@@ -9,6 +8,7 @@ from rich.console import Console
 from rich.progress import Progress
 from rich.table import Table
 
+from amortized.atomic import write_json
 from amortized.cli.amortize import amortize_step
 from amortized.cli.deq import deq_step
 from amortized.cli.qp_demo import qp_step
@@ -57,9 +57,7 @@ def demo(
         )
     console.print(table)
     path = out / "results.json"
-    tmp = path.with_suffix(".json.tmp")
-    tmp.write_text(json.dumps(results, indent=2))
-    tmp.replace(path)
+    write_json(path, results)
     console.print(f"results written to {path}")
     if any(r.get("ok") is False for _, r in rows):
         raise typer.Exit(1)

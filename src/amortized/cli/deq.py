@@ -6,8 +6,6 @@ weights (safetensors + JSON sidecar) and deq_residual.png (fixed-point residual 
 iteration, first and last epoch).
 """
 
-import json
-import os
 import time
 from pathlib import Path
 from typing import Annotated
@@ -19,6 +17,7 @@ from rich.progress import Progress
 from torch import nn
 
 import amortized as am
+from amortized.atomic import save_figure, save_tensors, write_json
 
 app = typer.Typer(add_completion=False)
 
@@ -143,19 +142,15 @@ def plot_residuals(histories: dict, path: Path) -> None:
     ax.set_title("DEQ fixed-point residual (digits test set)")
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.stem + ".tmp.png")
-    fig.savefig(tmp, dpi=120)
+    save_figure(fig, path, dpi=120)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def save_outputs(model: DigitsDEQ, results: dict, out: Path) -> None:
-    from safetensors.torch import save_file
-
     out.mkdir(parents=True, exist_ok=True)
-    tmp = out / "deq_digits.safetensors.tmp"
-    save_file({k: v.detach().contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    os.replace(tmp, out / "deq_digits.safetensors")
+    save_tensors(
+        {k: v.detach().contiguous() for k, v in model.state_dict().items()}, out / "deq_digits.safetensors"
+    )
     sidecar = {
         "model_class": "amortized.cli.deq.DigitsDEQ",
         "d_in": 64,
@@ -164,15 +159,9 @@ def save_outputs(model: DigitsDEQ, results: dict, out: Path) -> None:
         "dtype": "float32",
         "library_version": am.__version__,
     }
-    _write_json(out / "deq_digits.json", sidecar)
+    write_json(out / "deq_digits.json", sidecar)
     plot_residuals(results["residual_history_median"], out / "deq_residual.png")
-    _write_json(out / "results.json", results)
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_suffix(path.suffix + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
+    write_json(out / "results.json", results)
 
 
 @app.callback(invoke_without_command=True)

@@ -1,7 +1,6 @@
 """`amortized sudoku …`: OptNet's 4×4 Sudoku (generate, train, eval)."""
 
 import json
-import os
 import time
 import warnings
 from pathlib import Path
@@ -14,6 +13,7 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from amortized.atomic import save_figure, write_json
 from amortized.problems import sudoku as S
 
 app = typer.Typer(
@@ -24,12 +24,6 @@ app = typer.Typer(
 
 DEFAULT_LR = {"optnet": 0.1, "fc": 1e-3, "conv": 1e-3}
 DEFAULT_DTYPE = {"optnet": "float64", "fc": "float32", "conv": "float32"}
-
-
-def _write_json(path: Path, obj) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2))
-    os.replace(tmp, path)
 
 
 def _progress(console: Console) -> Progress:
@@ -128,7 +122,7 @@ def _train_one(
         history.append(row)
         # a long run can be stopped at any time: keep the history so far on disk
         out.mkdir(parents=True, exist_ok=True)
-        _write_json(out / "history.json", history)
+        write_json(out / "history.json", history)
         progress.update(
             ep_task,
             advance=1,
@@ -155,7 +149,7 @@ def _train_one(
     result["test_puzzles_also_in_train"] = int(sum(p.tobytes() in seen for p in pte.astype(np.int8)))
     if name == "optnet":
         result["row_space"] = S.row_space_residual(model.A)
-    _write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
     _plot_errors({name: history}, out / "errors.png")
     return result
 
@@ -190,10 +184,8 @@ def _plot_errors(histories: dict[str, list[dict]], path: Path) -> None:
     ax.set_title("4×4 Sudoku: train (dashed, during the epoch) and test (solid) error", fontsize=10)
     ax.legend()
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 def _load_split(data: Path | None, n: int, n_test: int, seed: int):
@@ -288,7 +280,7 @@ def train(
         )
     if len(names) > 1:
         _plot_errors({k: v["history"] for k, v in results.items()}, out / "errors.png")
-        _write_json(
+        write_json(
             out / "results.json",
             {k: {"final": v["final"], "total_seconds": v["total_seconds"]} for k, v in results.items()},
         )
@@ -355,10 +347,8 @@ def _plot_boards(puzzles, pred, solutions, wrong, path: Path, k: int = 8) -> Non
         ax.set_title(f"#{i} {'wrong' if wrong[i] else 'ok'}", color="red" if wrong[i] else "black")
     fig.suptitle("clues bold black, filled blue, wrong vs label red")
     fig.tight_layout()
-    tmp = path.with_name(path.name + ".tmp.png")
-    fig.savefig(tmp, dpi=90)
+    save_figure(fig, path, dpi=90)
     plt.close(fig)
-    os.replace(tmp, path)
 
 
 @app.command("eval")
@@ -392,7 +382,7 @@ def evaluate(
         result["qp_unsolved"] = stats["unsolved"]
         result["row_space"] = S.row_space_residual(model.A)  # learned A vs the true rules
     out.mkdir(parents=True, exist_ok=True)
-    _write_json(out / "results.json", result)
+    write_json(out / "results.json", result)
     if len(pz):
         _plot_boards(pz, pred, sol, err["wrong"], out / "boards.png")
     Console().print(

@@ -24,6 +24,7 @@ import torch
 from torch import Tensor, nn
 
 import amortized as am
+from amortized.atomic import save_tensors, write_json
 
 SIZE = 4  # board side
 BOX = 2  # box side
@@ -370,24 +371,18 @@ def build_model(config: dict, dtype=torch.float32, device=None) -> nn.Module:
 def save_checkpoint(model: nn.Module, directory: Path, extra: dict | None = None) -> None:
     """model.safetensors + model.json (config, dtype, library version, extra) in directory,
     each written atomically."""
-    from safetensors.torch import save_file
-
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     dtype = next(model.parameters()).dtype
     tensors = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
-    tmp = directory / "model.safetensors.tmp"
-    save_file(tensors, str(tmp))
-    tmp.replace(directory / "model.safetensors")
+    save_tensors(tensors, directory / "model.safetensors")
     meta = {
         "config": model_config(model),
         "dtype": str(dtype).removeprefix("torch."),
         "amortized_version": am.__version__,
         **(extra or {}),
     }
-    tmp = directory / "model.json.tmp"
-    tmp.write_text(json.dumps(meta, indent=2))
-    tmp.replace(directory / "model.json")
+    write_json(directory / "model.json", meta)
 
 
 def load_checkpoint(directory: Path, device=None) -> tuple[nn.Module, dict]:
