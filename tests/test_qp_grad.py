@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import amortized as am
-from amortized.problems.random_qp import FAMILIES, random_qp
+from amortized.problems.random_qp import FAMILIES, random_qp, separable_qp
 
 
 def _solve(*args):
@@ -35,7 +35,19 @@ def test_gradcheck_box_and_equality_only():
     assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("family", ["optnet", "tall", "lp_box", "degenerate"])
+def test_gradcheck_separable_with_a_fixed_variable():
+    """The separable form (diagonal Q, one entry per row of G: H stays diagonal), with
+    both bounds of z₀ active (l = u): exact gradients of z. Q enters by its diagonal, G and
+    h are constant (perturbations keep the structure; z is not differentiable in h at
+    l = u), and Q ≻ 0 here (a gradcheck step would make a zero diagonal entry negative)."""
+    Q, p, G, h, A, b = separable_qp(2, 5, 2, fixed=True, generator=torch.Generator().manual_seed(3))
+    assert am.solve_qp(Q, p, G, h, A, b).solved.all()
+    args = [x.clone().requires_grad_() for x in (Q.diagonal(dim1=-2, dim2=-1) + 0.1, p, A, b)]
+    fn = lambda q, p, A, b: am.solve_qp(torch.diag_embed(q), p, G, h, A, b).z
+    assert torch.autograd.gradcheck(fn, args, eps=1e-6, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["optnet", "tall", "lp_box", "degenerate", "separable"])
 def test_directional_finite_difference(family):
     """⟨∇L, d⟩ against a central difference of L along a random direction d of all data."""
     g = torch.Generator().manual_seed(7)

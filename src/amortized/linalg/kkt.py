@@ -5,8 +5,10 @@
 
 with H symmetric positive definite. Eliminating x gives the Schur complement
 S = C H⁻¹ Cᵀ + δI, also positive definite, so two batched Choleskys solve the system and a
-rank-deficient C only needs δ > 0. This is the only linear algebra an interior point QP
-solver and its implicit backward need (OptNet, Amos & Kolter 2017, sec. 3).
+rank-deficient C only needs δ > 0. A diagonal H (given as its diagonal) needs no
+factorization: then only the k × k Schur complement is factored. This is the only linear
+algebra an interior point QP solver and its implicit backward need (OptNet, Amos & Kolter
+2017, sec. 3).
 """
 
 from dataclasses import dataclass
@@ -19,8 +21,9 @@ from amortized.linalg.cholesky import cholesky, cholesky_solve
 
 @dataclass(frozen=True)
 class SaddleFactor:
-    """Factors of the saddle system. L_H: (B, n, n); HinvCt: (B, n, k); L_S: (B, k, k);
-    ok: (B,) whether both factorizations succeeded."""
+    """Factors of the saddle system. L_H: (B, n, n) the Cholesky factor of H, or (B, n) the
+    diagonal of a diagonal H; HinvCt: (B, n, k); L_S: (B, k, k); ok: (B,) whether both
+    factorizations succeeded."""
 
     L_H: Tensor
     HinvCt: Tensor
@@ -30,7 +33,7 @@ class SaddleFactor:
     def prepare(self, r1: Tensor) -> tuple[Tensor, Tensor]:
         """H⁻¹r1 and C H⁻¹r1, the part of a solve that depends on r1 alone (so several
         right-hand sides r2 with one r1 share it)."""
-        x0 = cholesky_solve(self.L_H, r1)
+        x0 = r1 / self.L_H if self.L_H.dim() == r1.dim() else cholesky_solve(self.L_H, r1)
         return x0, (r1.unsqueeze(-2) @ self.HinvCt).squeeze(-2)  # H⁻¹ is symmetric
 
     def solve(
@@ -52,12 +55,16 @@ class SaddleFactor:
 
 
 def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor) -> SaddleFactor:
-    """Factor the saddle system for H (B, n, n) positive definite, C (B, k, n) and
-    δ a scalar or (B, k)."""
-    L_H, ok = cholesky(H)
+    """Factor the saddle system for H positive definite, (B, n, n) or its diagonal (B, n),
+    C (B, k, n) and δ a scalar or (B, k)."""
+    if H.dim() == C.dim() - 1:
+        L_H, ok = H, (H > 0).all(-1)
+        HinvCt = C.mT / H.unsqueeze(-1)
+    else:
+        L_H, ok = cholesky(H)
+        HinvCt = cholesky_solve(L_H, C.mT) if C.shape[-2] else C.mT
     if C.shape[-2] == 0:
-        return SaddleFactor(L_H, C.mT, H.new_zeros(H.shape[:-2] + (0, 0)), ok)
-    HinvCt = cholesky_solve(L_H, C.mT)
+        return SaddleFactor(L_H, HinvCt, C.new_zeros(C.shape[:-2] + (0, 0)), ok)
     S = C @ HinvCt
     S = S + torch.diag_embed(torch.as_tensor(delta, dtype=S.dtype, device=S.device).expand(S.shape[:-1]))
     L_S, ok_S = cholesky(S)

@@ -77,6 +77,27 @@ def lp_box(B: int, n: int, m: int, *, dtype=torch.float64, generator=None) -> QP
     return p.new_zeros(B, n, n), p, G, h, p.new_zeros(B, 0, n), p.new_zeros(B, 0)
 
 
+def separable_qp(B: int, n: int, q: int, *, fixed: bool = False, dtype=torch.float64, generator=None) -> QP:
+    """Bounds only, with a diagonal Q (a third of it zero: PSD-singular) and q equalities:
+    the structure of OptNet's Sudoku layer. Rows c·z_j ≤ c·u_j and −c·z_j ≤ −c·l_j with
+    row scales c ∈ [0.5, 2], l < z0 < u (`fixed`: z_0 fixed by l = u, two active rows on
+    one variable and no interior point), every other variable also has z ≥ 0 written as a
+    third row; b = A z0."""
+    r = lambda *s: torch.rand(*s, generator=generator, dtype=dtype)
+    Q = torch.diag_embed(r(B, n) * (torch.arange(n) % 3 != 0))
+    z0 = 1 + r(B, n)
+    lo, up = z0 - r(B, n), z0 + r(B, n)
+    if fixed:
+        lo[:, 0] = up[:, 0] = z0[:, 0]
+    eye = torch.eye(n, dtype=dtype)
+    rows = torch.cat([eye, -eye, -eye[1::2]])
+    c = 0.5 + 1.5 * r(B, rows.shape[0])
+    G = c.unsqueeze(-1) * rows
+    h = c * torch.cat([up, -lo, torch.zeros(B, rows.shape[0] - 2 * n, dtype=dtype)], 1)
+    p, A = (torch.randn(*s, generator=generator, dtype=dtype) for s in ((B, n), (B, q, n)))
+    return Q, 2 * p, G, h, A, _mv(A, z0)
+
+
 FAMILIES = {
     "optnet": lambda B, dtype, g: random_qp(B, 30, 30, 15, dtype=dtype, generator=g),
     "box": lambda B, dtype, g: box_qp(B, 25, dtype=dtype, generator=g),
@@ -84,4 +105,5 @@ FAMILIES = {
     "degenerate": lambda B, dtype, g: degenerate_qp(B, 20, 15, 6, dtype=dtype, generator=g),
     "tall": lambda B, dtype, g: random_qp(B, 10, 200, 2, dtype=dtype, generator=g),
     "lp_box": lambda B, dtype, g: lp_box(B, 20, 10, dtype=dtype, generator=g),
+    "separable": lambda B, dtype, g: separable_qp(B, 24, 6, dtype=dtype, generator=g),
 }

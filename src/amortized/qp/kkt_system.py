@@ -6,17 +6,20 @@
 
 with a compliance D (B, m) ≥ 0 per inequality row: D = s/λ inside the interior point
 method, D = 0 for a row held as an equality (the active set of the polish), D = ∞ for a row
-left out. Two factorizations, chosen per batch:
+left out. Three factorizations, chosen per batch:
 
 * "primal": eliminate the rows with 0 < D < ∞ into H = Q + Gᵀ D⁻¹ G (Cholesky of n × n),
   the rest by a Schur complement. Works for singular Q (LPs); its conditioning grows with
   λ/s.
+* "separable": when Q is diagonal and each row of G has one nonzero (bounds, z ≥ 0),
+  every inequality row is eliminated per variable, exactly even at D = 0, and only the
+  q × q Schur complement on the rows of A is factored (OptNet's Sudoku layer).
 * "dual": eliminate x with H = Q + ρI, factored once per solve together with
   M = C H⁻¹ Cᵀ (C = [G; A]); each iteration only factors M + diag(D) ((m+q) × (m+q)).
   Well conditioned at any λ/s, which float32 needs (qpth's elimination); needs Q
   comfortably positive definite.
 
-Both regularize (ρ on x, δ on equality rows) so that singular Q and rank-deficient A
+All regularize (ρ on x, δ on equality rows) so that singular Q and rank-deficient A
 factor, and `solve` refines against the exact system.
 """
 
@@ -57,6 +60,18 @@ class DualBase:
         return DualBase(self.L_H[idx], self.HinvCt[idx], self.M[idx], self.ok[idx])
 
 
+def separable(d: QPData) -> bool:
+    """Whether Q is diagonal and every row of G has at most one nonzero in every problem,
+    so that Q + GᵀWG is diagonal for any W. The first problem is tested alone first: dense
+    data fail there at the cost of one problem."""
+    for Q, G in ((d.Q[:1], d.G[:1]), (d.Q, d.G)):
+        if bool((torch.count_nonzero(G, dim=-1) > 1).any()):
+            return False
+        if bool((torch.count_nonzero(Q, dim=-1) - (Q.diagonal(dim1=-2, dim2=-1) != 0).long() > 0).any()):
+            return False
+    return True
+
+
 def dual_base(d: QPData, rho: float) -> DualBase | None:
     """Factor Q + ρI once, or return None when Q is not comfortably positive definite
     (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one."""
@@ -74,7 +89,8 @@ def dual_base(d: QPData, rho: float) -> DualBase | None:
 class KKT:
     """The system above, factored. `active_set=True` allows D ∈ {0, ∞} entries (the polish
     and the backward; also the primal form's interior point iterations, where it splits
-    rows by D ≤ 1); otherwise 0 < D < ∞, which skips the masking work."""
+    rows by D ≤ 1); otherwise 0 < D < ∞, which skips the masking work. `diagonal`: the
+    data are `separable`, use that form (any D)."""
 
     def __init__(
         self,
@@ -85,18 +101,52 @@ class KKT:
         delta: float,
         base: DualBase | None = None,
         active_set: bool = False,
+        diagonal: bool = False,
     ):
-        self.d, self.D, self.base, self.active_set = d, D, base, active_set
+        self.d, self.D, self.base, self.active_set, self.diagonal = d, D, base, active_set, diagonal
         self._r1 = None
         self.absent = torch.isinf(D) if active_set else None
         # the primal form keeps rows with D ≤ 1 (λ ≥ s: active or nearly) in its Schur
         # complement and eliminates only W = 1/D ≤ 1, so H = Q + GᵀWG stays well
         # conditioned however extreme λ/s gets
         self.hard = D <= 1 if active_set else None
-        if base is not None:
+        if diagonal:
+            self._factor_separable(rho, delta)
+        elif base is not None:
             self._factor_dual(base, delta)
         else:
             self._factor_primal(rho, delta)
+
+    def _factor_separable(self, rho: float, delta: float) -> None:
+        """Separable data: row i of G is g_i at column j_i, H = diag(Q) + ρ. Every row is
+        eliminated per variable: one row per variable (its smallest D) exactly through the
+        2×2 block [[h̃_j, g_i], [g_i, −D_i]], so D = 0 (an active row) fixes z_j without a
+        1/D; the others through h̃_j = H_jj + Σ g_i²/D_i. D gets δ like the equality rows.
+        What is left, A diag(e) Aᵀ + δI with e_j = D_i/Δ_j, Δ_j = h̃_j D_i + g_i², is q × q."""
+        d, D = self.d, self.D
+        B, n, m, q = d.shape
+        self.col = d.G.abs().argmax(-1)  # (B, m): j_i
+        self.g = d.G.gather(-1, self.col.unsqueeze(-1)).squeeze(-1)
+        absent = torch.isinf(D)
+        self.Dd = torch.where(absent, 1.0, D + delta)
+
+        def per_var(v: Tensor, how: str, fill: float = 0.0) -> Tensor:
+            """Reduce a per-row (B, m) quantity over the rows of each variable: (B, n)."""
+            return v.new_full((B, n), fill).scatter_reduce(-1, self.col, v, how)
+
+        # the 2×2 row of a variable: its smallest D (ties to the last row)
+        key = torch.where(absent | (self.g == 0), torch.inf, self.Dd)
+        cand = torch.isfinite(key) & (key == per_var(key, "amin", torch.inf).gather(-1, self.col))
+        row = torch.where(cand, torch.arange(m, device=D.device), -1)
+        self.pair = cand & (row == per_var(row, "amax", -1).gather(-1, self.col))
+        self.w = torch.where(absent | self.pair, 0.0, 1 / self.Dd)  # 1/D of the other rows
+        self.H_t = (d.Q.diagonal(dim1=-2, dim2=-1) + rho).scatter_add(-1, self.col, self.g**2 * self.w)
+        # the pair's g and D at its variable; a variable without one gets g = 0, D = 1
+        self.g_v = per_var(torch.where(self.pair, self.g, 0.0), "sum")
+        self.D_v = per_var(torch.where(self.pair, self.Dd, 0.0), "sum") + (self.g_v == 0)
+        self.Delta = self.H_t * self.D_v + self.g_v**2
+        self.factor = factor_saddle(self.Delta / self.D_v, d.A, delta)  # H = 1/e
+        self.ok = self.factor.ok & torch.isfinite(self.Delta).all(-1)
 
     def _factor_dual(self, base: DualBase, delta: float) -> None:
         d, D = self.d, self.D
@@ -134,8 +184,7 @@ class KKT:
             self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
         else:
             self.W = 1 / D
-        self.H0 = d.Q + (d.G.mT * self.W.unsqueeze(-2)) @ d.G if D.shape[-1] else d.Q
-        H = self.H0.clone()
+        H = d.Q + (d.G.mT * self.W.unsqueeze(-2)) @ d.G if D.shape[-1] else d.Q.clone()
         Hd = H.diagonal(dim1=-2, dim2=-1)
         # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
         Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
@@ -156,8 +205,23 @@ class KKT:
             r_i = mv(d.G, x) - self.D * y_i
         return mv(d.Q, x) + rmv(d.G, y_i) + rmv(d.A, y_e), r_i, mv(d.A, x)
 
+    def _solve_separable(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The elimination of `_factor_separable`. With r̃1 = r1 + Σ g_i r_i/D_i over the
+        other rows and r_k the pair's right side, x = e∘(r̃1 − Aᵀy_e) + g r_k/Δ: the saddle
+        solve with H = 1/e and first right side r̃1 + g r_k/D. Then the pair's multiplier
+        is (g (r̃1 − Aᵀy_e) − h̃ r_k)/Δ, the others' W (g x_j − r_i)."""
+        r_i = torch.where(torch.isinf(self.D), 0.0, r_i)
+        r1 = r1.scatter_add(-1, self.col, self.g * self.w * r_i)
+        r_k = torch.zeros_like(r1).scatter_add(-1, self.col, torch.where(self.pair, r_i, 0.0))
+        x, y_e = self.factor.solve(r1 + self.g_v * r_k / self.D_v, r_e)
+        y_pair = (self.g_v * (r1 - rmv(self.d.A, y_e)) - self.H_t * r_k) / self.Delta
+        y_other = self.w * (self.g * x.gather(-1, self.col) - r_i)
+        return x, torch.where(self.pair, y_pair.gather(-1, self.col), y_other), y_e
+
     def _solve_once(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = r_i.shape[-1]
+        if self.diagonal:
+            return self._solve_separable(r1, r_i, r_e)
         if self.active_set:
             r_i = torch.where(self.absent, 0.0, r_i)
         if self.base is not None:

@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv
+from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv, separable
 from amortized.qp.problem import QPData
 from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
@@ -222,15 +222,17 @@ def pdipm(
     dtype = d.p.dtype
     finfo = torch.finfo(dtype)
     rho = delta = regularization(dtype)
-    # the dual elimination is better conditioned; in float64 the primal one is cheaper for m + q ≫ n
-    use_dual = m + q <= 2 * n or dtype != torch.float64
+    # a diagonal H (bounds, z ≥ 0 with diagonal Q) is the cheapest form of all; otherwise the
+    # dual elimination is better conditioned, and in float64 the primal one is cheaper for m + q ≫ n
+    diagonal = separable(d)
+    use_dual = not diagonal and (m + q <= 2 * n or dtype != torch.float64)
     base: DualBase | None = dual_base(d, rho) if use_dual else None
-    if base is None:
+    if base is None and not diagonal:
         # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
         # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
         # proximal term ρ(z − z_k) they slow the steps but do not move the solution
         rho = delta = 10 * finfo.eps**0.5
-    kkt_args = {"rho": rho, "delta": delta, "base": base}
+    kkt_args = {"rho": rho, "delta": delta, "base": base, "diagonal": diagonal}
     # Newton directions need not be exact (convergence is judged on true residuals)
     refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
@@ -281,7 +283,9 @@ def pdipm(
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
-        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=w.kkt_args["base"] is None, **w.kkt_args)
+        # the dense primal form keeps the rows with λ ≥ s apart (see KKT)
+        dense_primal = base is None and not diagonal
+        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=dense_primal, **w.kkt_args)
         w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
         w.running = w.running & kkt.ok
         w.iters = w.iters + w.running
@@ -410,8 +414,8 @@ def _polish(
     idx = ready.nonzero().squeeze(-1)
     sub = d.index(idx)
     if kkt_args["base"] is None:
-        # the primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
-        args, n_refine = kkt_args, 10
+        # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
+        args, n_refine = kkt_args, 3 if kkt_args["diagonal"] else 10
     else:
         args, n_refine = dict(kkt_args, base=kkt_args["base"].index(idx)), 3
     s, lam0 = it.s[idx], it.lam[idx]
