@@ -60,18 +60,6 @@ class DualBase:
         return DualBase(self.L_H[idx], self.HinvCt[idx], self.M[idx], self.ok[idx])
 
 
-def separable(d: QPData) -> bool:
-    """Whether Q is diagonal and every row of G has at most one nonzero in every problem,
-    so that Q + GᵀWG is diagonal for any W. The first problem is tested alone first: dense
-    data fail there at the cost of one problem."""
-    for Q, G in ((d.Q[:1], d.G[:1]), (d.Q, d.G)):
-        if bool((torch.count_nonzero(G, dim=-1) > 1).any()):
-            return False
-        if bool((torch.count_nonzero(Q, dim=-1) - (Q.diagonal(dim1=-2, dim2=-1) != 0).long() > 0).any()):
-            return False
-    return True
-
-
 def dual_base(d: QPData, rho: float) -> DualBase | None:
     """Factor Q + ρI once, or return None when Q is not comfortably positive definite
     (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one."""
@@ -89,8 +77,8 @@ def dual_base(d: QPData, rho: float) -> DualBase | None:
 class KKT:
     """The system above, factored. `active_set=True` allows D ∈ {0, ∞} entries (the polish
     and the backward; also the primal form's interior point iterations, where it splits
-    rows by D ≤ 1); otherwise 0 < D < ∞, which skips the masking work. `diagonal`: the
-    data are `separable`, use that form (any D)."""
+    rows by D ≤ 1); otherwise 0 < D < ∞, which skips the masking work. Separable data
+    (`d.sep`) always use the separable form, for any D."""
 
     def __init__(
         self,
@@ -101,16 +89,15 @@ class KKT:
         delta: float,
         base: DualBase | None = None,
         active_set: bool = False,
-        diagonal: bool = False,
     ):
-        self.d, self.D, self.base, self.active_set, self.diagonal = d, D, base, active_set, diagonal
+        self.d, self.D, self.base, self.active_set = d, D, base, active_set
         self._r1 = None
         self.absent = torch.isinf(D) if active_set else None
         # the primal form keeps rows with D ≤ 1 (λ ≥ s: active or nearly) in its Schur
         # complement and eliminates only W = 1/D ≤ 1, so H = Q + GᵀWG stays well
         # conditioned however extreme λ/s gets
         self.hard = D <= 1 if active_set else None
-        if diagonal:
+        if d.sep is not None:
             self._factor_separable(rho, delta)
         elif base is not None:
             self._factor_dual(base, delta)
@@ -125,8 +112,7 @@ class KKT:
         What is left, A diag(e) Aᵀ + δI with e_j = D_i/Δ_j, Δ_j = h̃_j D_i + g_i², is q × q."""
         d, D = self.d, self.D
         B, n, m, q = d.shape
-        self.col = d.G.abs().argmax(-1)  # (B, m): j_i
-        self.g = d.G.gather(-1, self.col.unsqueeze(-1)).squeeze(-1)
+        self.col, self.g = d.sep.col, d.sep.g
         absent = torch.isinf(D)
         self.Dd = torch.where(absent, 1.0, D + delta)
 
@@ -140,7 +126,7 @@ class KKT:
         row = torch.where(cand, torch.arange(m, device=D.device), -1)
         self.pair = cand & (row == per_var(row, "amax", -1).gather(-1, self.col))
         self.w = torch.where(absent | self.pair, 0.0, 1 / self.Dd)  # 1/D of the other rows
-        self.H_t = (d.Q.diagonal(dim1=-2, dim2=-1) + rho).scatter_add(-1, self.col, self.g**2 * self.w)
+        self.H_t = (d.sep.q + rho).scatter_add(-1, self.col, self.g**2 * self.w)
         # the pair's g and D at its variable; a variable without one gets g = 0, D = 1
         self.g_v = per_var(torch.where(self.pair, self.g, 0.0), "sum")
         self.D_v = per_var(torch.where(self.pair, self.Dd, 0.0), "sum") + (self.g_v == 0)
@@ -200,10 +186,10 @@ class KKT:
         """The exact (unregularized) operator."""
         d = self.d
         if self.active_set:
-            r_i = torch.where(self.absent, 0.0, mv(d.G, x) - torch.where(self.absent, 0.0, self.D) * y_i)
+            r_i = torch.where(self.absent, 0.0, d.Gx(x) - torch.where(self.absent, 0.0, self.D) * y_i)
         else:
-            r_i = mv(d.G, x) - self.D * y_i
-        return mv(d.Q, x) + rmv(d.G, y_i) + rmv(d.A, y_e), r_i, mv(d.A, x)
+            r_i = d.Gx(x) - self.D * y_i
+        return d.Qx(x) + d.Gty(y_i) + rmv(d.A, y_e), r_i, mv(d.A, x)
 
     def _solve_separable(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The elimination of `_factor_separable`. With r̃1 = r1 + Σ g_i r_i/D_i over the
@@ -220,7 +206,7 @@ class KKT:
 
     def _solve_once(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = r_i.shape[-1]
-        if self.diagonal:
+        if self.d.sep is not None:
             return self._solve_separable(r1, r_i, r_e)
         if self.active_set:
             r_i = torch.where(self.absent, 0.0, r_i)

@@ -20,7 +20,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv, separable
+from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv
 from amortized.qp.problem import QPData
 from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
@@ -55,9 +55,14 @@ class Residuals:
     def __init__(self, d: QPData, it: Iterate, sc: Scaling | None = None):
         self.d, self.it = d, it
         m = it.lam.shape[-1]
-        Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
-        self.Qz, self.Gz, self.Az = mv(d.Q, it.z), Cz[..., :m], Cz[..., m:]
-        self.Ct_y = rmv(d.C, torch.cat([it.lam, it.nu], -1))  # Gᵀλ + Aᵀν
+        if d.sep is None:
+            Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
+            self.Gz, self.Az = Cz[..., :m], Cz[..., m:]
+            self.Ct_y = rmv(d.C, torch.cat([it.lam, it.nu], -1))  # Gᵀλ + Aᵀν
+        else:
+            self.Gz, self.Az = d.Gx(it.z), mv(d.A, it.z)
+            self.Ct_y = d.Gty(it.lam) + rmv(d.A, it.nu)
+        self.Qz = d.Qx(it.z)
         self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
         self.r_i = self.Gz + it.s - d.h  # Gz + s − h
         self.r_e = self.Az - d.b  # Az − b
@@ -136,7 +141,7 @@ def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> I
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
     dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
-    return Iterate(dz, -res.r_i - mv(kkt.d.G, dz), dlam, dnu)
+    return Iterate(dz, -res.r_i - kkt.d.Gx(dz), dlam, dnu)
 
 
 def _max_step(x: Tensor, dx: Tensor) -> Tensor:
@@ -155,7 +160,7 @@ def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iter
         z = warm_start.expand(B, n).to(d.p)
     if m == 0:
         return Iterate(z, d.p.new_zeros(B, 0), d.p.new_zeros(B, 0), nu)
-    s = d.h - mv(d.G, z)
+    s = d.h - d.Gx(z)
     lam = -s
     s = s + torch.clamp(-1.5 * s.amin(-1, keepdim=True), min=0)
     lam = lam + torch.clamp(-1.5 * lam.amin(-1, keepdim=True), min=0)
@@ -224,15 +229,15 @@ def pdipm(
     rho = delta = regularization(dtype)
     # a diagonal H (bounds, z ≥ 0 with diagonal Q) is the cheapest form of all; otherwise the
     # dual elimination is better conditioned, and in float64 the primal one is cheaper for m + q ≫ n
-    diagonal = separable(d)
-    use_dual = not diagonal and (m + q <= 2 * n or dtype != torch.float64)
+    d = d.separated()
+    use_dual = d.sep is None and (m + q <= 2 * n or dtype != torch.float64)
     base: DualBase | None = dual_base(d, rho) if use_dual else None
-    if base is None and not diagonal:
+    if base is None and d.sep is None:
         # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
         # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
         # proximal term ρ(z − z_k) they slow the steps but do not move the solution
         rho = delta = 10 * finfo.eps**0.5
-    kkt_args = {"rho": rho, "delta": delta, "base": base, "diagonal": diagonal}
+    kkt_args = {"rho": rho, "delta": delta, "base": base}
     # Newton directions need not be exact (convergence is judged on true residuals)
     refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
@@ -284,7 +289,7 @@ def pdipm(
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
         # the dense primal form keeps the rows with λ ≥ s apart (see KKT)
-        dense_primal = base is None and not diagonal
+        dense_primal = base is None and d.sep is None
         kkt = KKT(w.d, w.it.s / w.it.lam, active_set=dense_primal, **w.kkt_args)
         w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
         w.running = w.running & kkt.ok
@@ -415,7 +420,7 @@ def _polish(
     sub = d.index(idx)
     if kkt_args["base"] is None:
         # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
-        args, n_refine = kkt_args, 3 if kkt_args["diagonal"] else 10
+        args, n_refine = kkt_args, 3 if d.sep is not None else 10
     else:
         args, n_refine = dict(kkt_args, base=kkt_args["base"].index(idx)), 3
     s, lam0 = it.s[idx], it.lam[idx]
@@ -426,7 +431,7 @@ def _polish(
         pk = KKT(sub, D_sub, active_set=True, **args)
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
         z, lam, nu = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine)
-        Gz = mv(sub.G, z)
+        Gz = sub.Gx(z)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
         lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)

@@ -5,7 +5,7 @@
 Every argument may carry a leading batch dimension or omit it (shared by the batch).
 """
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 
 import torch
@@ -13,9 +13,23 @@ from torch import Tensor
 
 
 @dataclass(frozen=True)
+class Separable:
+    """The structure of separable data (bounds, z ≥ 0 with a diagonal Q): Q = diag(q) and
+    row i of G is g_i at column col_i. q (B, n), g (B, m), col (B, m) long."""
+
+    q: Tensor
+    g: Tensor
+    col: Tensor
+
+    def index(self, idx: Tensor) -> "Separable":
+        return Separable(self.q[idx], self.g[idx], self.col[idx])
+
+
+@dataclass(frozen=True)
 class QPData:
     """Validated QP data, every tensor expanded (as a view) to the batch size B.
-    Q (B,n,n) symmetrized, p (B,n), G (B,m,n), h (B,m), A (B,q,n), b (B,q)."""
+    Q (B,n,n) symmetrized, p (B,n), G (B,m,n), h (B,m), A (B,q,n), b (B,q); `sep` the
+    structure of separable data once detected (`separated`), used by the products."""
 
     Q: Tensor
     p: Tensor
@@ -23,10 +37,41 @@ class QPData:
     h: Tensor
     A: Tensor
     b: Tensor
+    sep: Separable | None = None
 
     def index(self, idx: Tensor) -> "QPData":
         """The problems idx (a LongTensor of batch indices)."""
-        return QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)))
+        sep = None if self.sep is None else self.sep.index(idx)
+        return QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)), sep=sep)
+
+    def separated(self) -> "QPData":
+        """The same data with `sep` set when Q is diagonal and every row of G has at most
+        one nonzero in every problem (so Q + GᵀWG is diagonal for any W). The first problem
+        is tested alone first: dense data fail there at the cost of one problem."""
+        for Q, G in ((self.Q[:1], self.G[:1]), (self.Q, self.G)):
+            if bool((torch.count_nonzero(G, dim=-1) > 1).any()):
+                return self
+            if bool((torch.count_nonzero(Q, dim=-1) - (Q.diagonal(dim1=-2, dim2=-1) != 0).long() > 0).any()):
+                return self
+        col = self.G.abs().argmax(-1)
+        g = self.G.gather(-1, col.unsqueeze(-1)).squeeze(-1)
+        return replace(self, sep=Separable(self.Q.diagonal(dim1=-2, dim2=-1), g, col))
+
+    def Qx(self, x: Tensor) -> Tensor:
+        """Qx for x (B, n)."""
+        return self.sep.q * x if self.sep is not None else (self.Q @ x.unsqueeze(-1)).squeeze(-1)
+
+    def Gx(self, x: Tensor) -> Tensor:
+        """Gx for x (B, n)."""
+        if self.sep is not None:
+            return self.sep.g * x.gather(-1, self.sep.col)
+        return (self.G @ x.unsqueeze(-1)).squeeze(-1)
+
+    def Gty(self, y: Tensor) -> Tensor:
+        """Gᵀy for y (B, m)."""
+        if self.sep is not None:
+            return y.new_zeros(self.p.shape).scatter_add(-1, self.sep.col, self.sep.g * y)
+        return (y.unsqueeze(-2) @ self.G).squeeze(-2)
 
     @cached_property
     def C(self) -> Tensor:
