@@ -222,22 +222,11 @@ def pdipm(
     the only way a bounded problem could pass).
     """
     orig_G = d.G
-    d, sc = ruiz(d) if scale else (d, _no_scaling(d))
+    d, sc = scaled(d, scale)
     B, n, m, q = d.shape
     dtype = d.p.dtype
     finfo = torch.finfo(dtype)
-    rho = delta = regularization(dtype)
-    # a diagonal H (bounds, z ≥ 0 with diagonal Q) is the cheapest form of all; otherwise the
-    # dual elimination is better conditioned, and in float64 the primal one is cheaper for m + q ≫ n
-    d = d.separated()
-    use_dual = d.sep is None and (m + q <= 2 * n or dtype != torch.float64)
-    base: DualBase | None = dual_base(d, rho) if use_dual else None
-    if base is None and d.sep is None:
-        # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
-        # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
-        # proximal term ρ(z − z_k) they slow the steps but do not move the solution
-        rho = delta = 10 * finfo.eps**0.5
-    kkt_args = {"rho": rho, "delta": delta, "base": base}
+    kkt_args = kkt_form(d)
     # Newton directions need not be exact (convergence is judged on true residuals)
     refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
@@ -289,7 +278,7 @@ def pdipm(
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
         # the dense primal form keeps the rows with λ ≥ s apart (see KKT)
-        dense_primal = base is None and d.sep is None
+        dense_primal = kkt_args["base"] is None and d.sep is None
         kkt = KKT(w.d, w.it.s / w.it.lam, active_set=dense_primal, **w.kkt_args)
         w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
         w.running = w.running & kkt.ok
@@ -303,6 +292,30 @@ def pdipm(
     # second copy of the data in memory)
     res = Residuals(d, it, sc)
     return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig_G, sc, kkt_args)
+
+
+def scaled(d: QPData, scale: bool = True) -> tuple[QPData, Scaling]:
+    """The data the iterations run on: Ruiz-scaled (or not), with their separable structure
+    detected, and the scaling."""
+    d, sc = ruiz(d) if scale else (d, _no_scaling(d))
+    return d.separated(), sc
+
+
+def kkt_form(d: QPData) -> dict:
+    """The keyword arguments of `KKT` for these data: which factorization, and its ρ, δ.
+    A diagonal H (bounds, z ≥ 0 with diagonal Q) is the cheapest form of all; otherwise the
+    dual elimination is better conditioned, and in float64 the primal one is cheaper for
+    m + q ≫ n."""
+    B, n, m, q = d.shape
+    rho = delta = regularization(d.p.dtype)
+    use_dual = d.sep is None and (m + q <= 2 * n or d.p.dtype != torch.float64)
+    base: DualBase | None = dual_base(d, rho) if use_dual else None
+    if base is None and d.sep is None:
+        # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
+        # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
+        # proximal term ρ(z − z_k) they slow the steps but do not move the solution
+        rho = delta = 10 * torch.finfo(d.p.dtype).eps ** 0.5
+    return {"rho": rho, "delta": delta, "base": base}
 
 
 def _no_scaling(d: QPData) -> Scaling:
