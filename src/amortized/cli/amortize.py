@@ -700,9 +700,9 @@ def train_sphere(
 ):
     """`sphere_model(frame)` trained by the plain objective loss f(ŷ(x); x) on fresh contexts
     (Adam, cosine-decayed lr), in float64. Measured choices (float32 probes, median error on
-    the 1,000 held-out contexts after 20k steps): SiLU and lr 3e-3 beat ReLU and 1e-3;
-    batch 1,024 beats 256 (less gradient noise: 0.082 → 0.063 rad with frame "sorted");
-    the frame matters most (none 0.094, sorted 0.063, rotated ≈ 0.02 at batch 1,024).
+    the 1,000 held-out contexts after 20k steps): SiLU and lr 3e-3 beat ReLU and 1e-3; batch
+    1,024 beats 256 (0.082 → 0.063 rad with frame "sorted"); the frame matters most (batch
+    1,024: none 0.092, sorted 0.063, rotated 0.025 rad). See BENCHMARKS.md.
     Returns (problem, amortizer, held-out contexts, loss history, training time)."""
     from amortized.amortize import GradientRefiner, SphereProjection
     from amortized.problems.sphere import SphereProblem
