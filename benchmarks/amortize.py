@@ -144,7 +144,7 @@ def vae(args) -> None:
         return y.detach()
 
     def encoder():
-        with torch.no_grad():
+        with torch.inference_mode():
             return enc(x_test)
 
     fns = {"encoder": encoder, f"Adam {args.adam_iters} iterations": lambda: adam(args.adam_iters)}
@@ -167,9 +167,16 @@ def vae(args) -> None:
 
 # -------------------------------------------------------------------------------- sphere
 def sphere(args) -> None:
+    import json
+
     from amortized.cli.amortize import train_sphere
 
-    P, am, x_test, _, t_train = train_sphere(steps=0 if args.model else args.steps, seed=args.seed)
+    frame = args.context_frame
+    if args.model:  # the checkpoint says which context frame its model was trained behind
+        frame = json.loads(Path(args.model + ".json").read_text())["meta"].get("context_frame", "none")
+    P, am, x_test, _, t_train = train_sphere(
+        steps=0 if args.model else args.steps, seed=args.seed, frame=frame
+    )
     if args.model:
         am.load(args.model)
     y_ref = P.solve(x_test)
@@ -191,7 +198,7 @@ def sphere(args) -> None:
             }
         )
     how = f"loaded {args.model}" if args.model else f"trained {args.steps} steps in {t_train:.0f} s"
-    print(f"sphere model {how}; {x_test.shape[0]} held-out contexts")
+    print(f"sphere model ({frame} context frame) {how}; {x_test.shape[0]} held-out contexts")
     table(rows, ["method", "µs / instance", "solver ÷ method", "median geodesic error (rad)"])
 
 
@@ -208,6 +215,7 @@ def main() -> None:
     ap.add_argument("--active-set-steps", type=int, default=10)
     ap.add_argument("--steps", type=int, default=10_000, help="vae/sphere training steps")
     ap.add_argument("--model", default=None, help="vae/sphere: a model saved by the CLI (skips training)")
+    ap.add_argument("--context-frame", default="rotated", help="sphere: rotated, sorted or none")
     ap.add_argument("--adam-iters", type=int, default=2000)
     ap.add_argument("--trace-samples", type=int, default=64)
     args = ap.parse_args()

@@ -81,6 +81,23 @@ def test_sphere_cli(tmp_path):
     assert r["objective_gap"] >= -1e-9  # the reference optimum is never beaten by the model
     assert r["fine_tuned"]["objective_gap"] <= r["objective_gap"] + 1e-12  # descent steps help
     assert (tmp_path / "sphere_predictions.png").exists()
+    assert r["context_frame"] == "rotated" and r["batch_size"] == 1024
+    meta = json.loads((tmp_path / "sphere_model.safetensors.json").read_text())["meta"]
+    assert meta["context_frame"] == "rotated"  # what benchmarks/amortize.py rebuilds the model from
+
+
+def test_sphere_models_behind_each_frame():
+    import torch
+
+    from amortized.cli.amortize import FRAMES, sphere_model
+    from amortized.problems.sphere import SphereProblem
+
+    x = SphereProblem().sample(5, torch.Generator().manual_seed(0))
+    for frame in FRAMES:
+        y = sphere_model(frame).double()(x)
+        torch.testing.assert_close(y.norm(dim=-1), torch.ones(5, dtype=torch.float64))
+    with pytest.raises(ValueError, match="frame"):
+        sphere_model("polar")
 
 
 def test_qp_time_to_match_by_hand():

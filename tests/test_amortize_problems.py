@@ -6,14 +6,20 @@ import pytest
 import torch
 
 import amortized as am
-from amortized.amortize import EqualityCompletion
+from amortized.amortize import MLP, EqualityCompletion
 from amortized.problems.qp_proxy import (
     ActiveSetRefiner,
     DC3Correction,
     dc3_simple,
     solve_with_fallback,
 )
-from amortized.problems.sphere import SphereProblem, fibonacci_sphere, geodesic
+from amortized.problems.sphere import (
+    ContextFrame,
+    SphereProblem,
+    canonical_frame,
+    fibonacci_sphere,
+    geodesic,
+)
 from amortized.problems.vae import VAEInference, gaussian_kl, load_digits_split, make_vae
 
 
@@ -95,6 +101,46 @@ def test_sphere_geometry_and_reference():
     torch.testing.assert_close(y_tr, y_ref)
     assert len(times) == len(values) == P.refine_steps + 1 and values[-1] <= values[0] + 1e-12
     assert all(b >= a for a, b in zip(times, times[1:], strict=False))
+
+
+def _random_rotation(g: torch.Generator) -> torch.Tensor:
+    q, r = torch.linalg.qr(torch.randn(3, 3, generator=g, dtype=torch.float64))
+    q = q * torch.sign(torch.diagonal(r))
+    return q if torch.det(q) > 0 else -q
+
+
+def _act(Q: torch.Tensor, perm: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """The context x (B, 16) with its points rotated by Q and its 4 components permuted."""
+    z, alpha = x[:, :12].unflatten(-1, (4, 3)), x[:, 12:]
+    return torch.cat([(z @ Q.T)[:, perm].flatten(1), alpha[:, perm]], -1)
+
+
+def test_sphere_symmetries_and_context_frame():
+    g = torch.Generator().manual_seed(3)
+    P = SphereProblem()
+    x = P.sample(64, g)
+    y = torch.nn.functional.normalize(torch.randn(64, 3, generator=g, dtype=torch.float64), dim=-1)
+    Q, perm = _random_rotation(g), torch.randperm(4, generator=g)
+    # The symmetries ContextFrame relies on: f(Qy; Q·x, permuted) = f(y; x).
+    torch.testing.assert_close(P.objective(y @ Q.T, _act(Q, perm, x)), P.objective(y, x))
+    # The canonical pose: R a rotation, R z_(1) = e3, R z_(2) in the half-plane y = 0, x > 0.
+    R, z, alpha = canonical_frame(*P.unpack(x))
+    eye = torch.eye(3, dtype=torch.float64).expand(64, 3, 3)
+    torch.testing.assert_close(R @ R.transpose(1, 2), eye)
+    torch.testing.assert_close(torch.linalg.det(R), torch.ones(64, dtype=torch.float64))
+    assert bool((alpha[:, 1:] >= alpha[:, :-1]).all())
+    zc = z @ R.transpose(1, 2)
+    torch.testing.assert_close(zc[:, 0], eye[:, 2])
+    assert zc[:, 1, 1].abs().max() < 1e-12 and bool((zc[:, 1, 0] > 0).all())
+    # A model behind the frame is exactly equivariant (rotated) or invariant (sorted only).
+    torch.manual_seed(0)
+    net = MLP([16, 32, 3], torch.nn.SiLU).double()
+    rotated, sorted_only = ContextFrame(net), ContextFrame(net, rotate=False)
+    with torch.no_grad():
+        torch.testing.assert_close(rotated(_act(Q, perm, x)), rotated(x) @ Q.T)
+        permuted = _act(torch.eye(3, dtype=torch.float64), perm, x)
+        torch.testing.assert_close(sorted_only(permuted), sorted_only(x))
+        assert (sorted_only(_act(Q, perm, x)) - sorted_only(x)).abs().max() > 1e-3  # not equivariant
 
 
 def test_vae_elbo_against_torch_distributions():

@@ -8,13 +8,17 @@ objective on the unit sphere is
 with d the geodesic distance d(u, v) = 2 atan2(‖u − v‖, ‖u + v‖) (stable at 0 and π).
 f is non-convex on S²; the reference solver takes the best point of a dense Fibonacci grid
 and refines it by Riemannian gradient descent (projected gradient, then renormalization).
+
+f is invariant under permuting the m components and equivariant under rotations,
+f(Qy; Qx) = f(y; x) for Q ∈ SO(3) acting on every z_i, so y*(Qx) = Q y*(x). `ContextFrame`
+uses both to present an amortization model with the context in a canonical pose.
 """
 
 import math
 import time
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from amortized.amortize import GradientRefiner, SphereProjection
 
@@ -34,6 +38,48 @@ def fibonacci_sphere(n: int, dtype=torch.float64, device=None) -> Tensor:
     r = (1 - z * z).clamp_min(0).sqrt()
     phi = math.pi * (3 - math.sqrt(5)) * i
     return torch.stack([r * phi.cos(), r * phi.sin(), z], -1)
+
+
+def canonical_frame(z: Tensor, alpha: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """The context's canonical pose: components sorted by α, and the rotation R (B, 3, 3)
+    (rows u₁, u₂, u₃) taking the lowest-α point to the north pole e₃ and the next one into
+    the half-plane {y = 0, x > 0}. z (B, m, 3) unit vectors, alpha (B, m); returns
+    (R, z sorted (B, m, 3), α sorted (B, m)). R is undefined only when z₂ = ±z₁ (measure zero).
+    """
+    alpha, order = alpha.sort(-1)
+    z = z.gather(-2, order.unsqueeze(-1).expand_as(z))
+    u3 = z[:, 0]
+    v = z[:, 1] - (z[:, 1] * u3).sum(-1, keepdim=True) * u3  # z₂'s part orthogonal to z₁
+    u1 = v / v.norm(dim=-1, keepdim=True).clamp_min(torch.finfo(v.dtype).tiny ** 0.5)
+    return torch.stack([u1, torch.linalg.cross(u3, u1), u3], 1), z, alpha
+
+
+class ContextFrame(nn.Module):
+    """ŷ(x) = Rᵀ net(R z, (α − E α)/std α): the model sees the context in its canonical pose.
+
+    Parameter-free input normalization by the problem's symmetries (see the module
+    docstring): the components are sorted by α (f does not depend on their order), α is
+    standardized with p(x)'s moments (U[0, a]: mean a/2, std a/√12), and with rotate=True
+    the points are rotated by `canonical_frame`'s R and the net's output (B, 3) is rotated
+    back by Rᵀ, so the model is exactly rotation-equivariant and the net only learns y* in
+    the canonical pose (5 of the points' 8 degrees of freedom vary there, not 8 plus the
+    pose). rotate=False keeps only the sorting and standardization (no output map).
+    Input x (B, 4m) as `SphereProblem`; net: (B, 4m) → (B, 3).
+    """
+
+    def __init__(self, net: nn.Module, m: int = 4, alpha_scale: float = 0.7, rotate: bool = True):
+        super().__init__()
+        self.net, self.m, self.rotate = net, m, rotate
+        self.alpha_mean, self.alpha_std = alpha_scale / 2, alpha_scale / math.sqrt(12)
+
+    def forward(self, x: Tensor) -> Tensor:
+        z, alpha = x[..., : 3 * self.m].unflatten(-1, (self.m, 3)), x[..., 3 * self.m :]
+        R, z, alpha = canonical_frame(z, alpha)
+        if self.rotate:
+            z = z @ R.transpose(1, 2)  # R z_i for every point
+        h = torch.cat([z.flatten(1), (alpha - self.alpha_mean) / self.alpha_std], -1)
+        out = self.net(h)
+        return (R.transpose(1, 2) @ out.unsqueeze(-1)).squeeze(-1) if self.rotate else out
 
 
 class SphereProblem:
