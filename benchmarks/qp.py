@@ -35,6 +35,7 @@ SIZES = [
 ]
 TOOLS = [
     "amortized",
+    "amortized-admm",
     "qpth",
     "proxsuite",
     "cvxpylayers-scs",
@@ -46,6 +47,8 @@ def make_tool(name: str, n: int, m: int, q: int, dtype: torch.dtype):
     """A function (Q, p, G, h, A, b) -> z for one tool, or None when it cannot run here."""
     if name == "amortized":
         return lambda Q, p, G, h, A, b: am.solve_qp(Q, p, G, h, A, b).z
+    if name == "amortized-admm":
+        return lambda Q, p, G, h, A, b: am.solve_qp(Q, p, G, h, A, b, solver="admm").z
     if name == "qpth":
         from qpth.qp import QPFunction
 

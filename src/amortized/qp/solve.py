@@ -7,6 +7,7 @@ import torch
 from torch import Tensor
 
 from amortized.implicit import implicit_root
+from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
 from amortized.qp.kkt import kkt_conditions, transpose_solver
 from amortized.qp.kkt_system import mv
@@ -49,6 +50,10 @@ class QPSolution:
         return self.status == int(QPStatus.SOLVED)
 
 
+# forward solvers: (function, default max_iter); every one returns a PDIPMResult
+SOLVERS = {"pdipm": (pdipm, 100), "admm": (admm, 4000)}
+
+
 def default_eps(dtype: torch.dtype) -> float:
     """Relative tolerance on residuals and gap: 1e-10 in float64, 3e-6 in float32."""
     return 1e-10 if dtype == torch.float64 else 3e-6
@@ -65,8 +70,8 @@ def solve_qp(
     solver: str = "pdipm",
     eps: float | None = None,
     eps_abs: float | None = None,
-    max_iter: int = 100,
-    warm_start: Tensor | None = None,
+    max_iter: int | None = None,
+    warm_start: "Tensor | tuple[Tensor, Tensor, Tensor] | QPSolution | None" = None,
     check_convexity: bool = True,
     elastic: float | None = None,
 ) -> QPSolution:
@@ -87,18 +92,24 @@ def solve_qp(
     Gradients of broadcast arguments are summed over the batch. Problems not SOLVED get
     zero gradients (and a warning in the backward pass).
 
-    solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector).
+    solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector; few costly
+    iterations, max_iter 100 by default) or "admm" (OSQP's ADMM, `qp.admm`: many cheap
+    iterations, max_iter 4000 by default; fast from a good warm_start). Both finish with
+    the same active-set polish and share the backward.
     eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
     and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms).
     eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default).
-    warm_start: (B, n) or (n,) primal starting point.
+    warm_start: a primal starting point z (B, n) or (n,), or a start with multipliers,
+    (z, λ, ν) or a QPSolution (e.g. the previous solve's). "pdipm" uses z only; "admm"
+    uses all (zero multipliers when only z is given).
     elastic: a penalty weight w > 0 switches on elastic mode: solve the closest feasible QP,
     min ½zᵀQz + pᵀz + w·(‖t‖₁ + ‖Az − b‖₁) s.t. Gz ≤ h + t, t ≥ 0 (see `qp.elastic`); exact
     (t = 0, Az = b) when the QP is feasible and w exceeds its largest multiplier. The
     solution's `relaxation` holds the violations.
     """
-    if solver != "pdipm":
-        raise ValueError(f"unknown solver {solver!r}; available: 'pdipm'")
+    if solver not in SOLVERS:
+        raise ValueError(f"unknown solver {solver!r}; available: {', '.join(map(repr, SOLVERS))}")
+    max_iter = SOLVERS[solver][1] if max_iter is None else max_iter
     if max_iter < 1:
         raise ValueError("max_iter must be at least 1")
     data, finite = qp_data(Q, p, G, h, A, b)
@@ -106,6 +117,7 @@ def solve_qp(
         if warm_start is not None:
             raise ValueError("warm_start is not supported in elastic mode")
         kwargs = {"eps": eps, "eps_abs": eps_abs, "max_iter": max_iter, "check_convexity": check_convexity}
+        kwargs["solver"] = solver
         return _solve_elastic(data, float(elastic), **kwargs)
     B, n, m, q = data.shape
     if not bool(finite.all()):
@@ -115,8 +127,8 @@ def solve_qp(
     eps = default_eps(data.p.dtype) if eps is None else float(eps)
     with torch.no_grad():
         detached = QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))
-        ws = None if warm_start is None else warm_start.detach()
-        r = pdipm(detached, finite, eps=eps, eps_abs=eps_abs, max_iter=max_iter, warm_start=ws)
+        ws = _warm_start(warm_start, solver)
+        r = SOLVERS[solver][0](detached, finite, eps=eps, eps_abs=eps_abs, max_iter=max_iter, warm_start=ws)
     it, solved = r.it, r.status == int(QPStatus.SOLVED)
     it = _normalize_certificates(it, r.status, data)
     zero_bad = lambda x: torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
@@ -150,6 +162,18 @@ def _solve_elastic(data: QPData, weight: float, **kwargs) -> QPSolution:
     return QPSolution(
         z, lam, nu, s, sol.status, sol.iters, sol.primal_residual, sol.dual_residual, sol.gap, relaxation
     )
+
+
+def _warm_start(warm_start, solver: str):
+    """The start as the solver takes it: z (pdipm), or (z, λ, ν) with λ, ν possibly None."""
+    if warm_start is None:
+        return None
+    if isinstance(warm_start, QPSolution):
+        warm_start = (warm_start.z, warm_start.lam, warm_start.nu)
+    if isinstance(warm_start, Tensor):
+        warm_start = (warm_start, None, None)
+    z, lam, nu = (None if x is None else x.detach() for x in warm_start)
+    return z if solver == "pdipm" else (z, lam, nu)
 
 
 def _normalize_certificates(it, status: Tensor, d: QPData):
