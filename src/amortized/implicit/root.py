@@ -12,7 +12,11 @@ linear solve, and finishes with one vjp w.r.t. the parameters. The solve may ign
 product and reuse a structured factorization from the forward pass (the QP's KKT Cholesky,
 as in OptNet) and be polished by iterative refinement against the exact product
 (`implicit_root`), or be a batched matrix-free Krylov method or a dense per-problem solve
-(`custom_root`, `custom_fixed_point`). The systems of the B problems are solved
+(`custom_root`, `custom_fixed_point`). A Krylov solve can be preconditioned by curvature
+the forward solver already has (`Preconditioned(y, M)`: a Newton step's Cholesky factor,
+whose tensors are then kept until the backward) or by M built in the backward
+(`custom_root(precond=...)`): with M = (∂F/∂y)⁻ᵀ it stops after one matvec, and the
+tolerance is still tested on the true residual. The systems of the B problems are solved
 independently (never one (B·N)×(B·N) system). This follows jaxopt's `custom_root` /
 `root_vjp` (Blondel et al., "Efficient and Modular Implicit Differentiation", 2022).
 
