@@ -7,7 +7,14 @@ m = 200 training samples, λ per problem), float64, CPU (--threads, default 2).
 Methods (same inputs, same process, alternated A B C D ..., median of --reps runs):
   implicit      am.custom_root on the no-grad forward solve, backward = per-problem CG on the
                 Hessian (matrix-free, torch.func vjp), default tolerance (rtol = eps^(2/3))
-  implicit-rtol=R  the same with CG rtol R (--rtols R ...: the accuracy/time trade-off)
+  implicit+hess the same CG preconditioned by custom_root(precond=...): the inverse Hessian
+                (X^T D X + lam I)^-1 written out in closed form, built in the backward from
+                the solution (its cost is in the backward; nothing is kept): its Cholesky
+                factor for n <= m, the Woodbury form through an m x m factor for n > m
+  implicit+factor  (ridge) the same CG preconditioned by the Cholesky factor the forward
+                solve already computed, handed over with am.implicit.Preconditioned (kept
+                from forward to backward: counted in graph MiB)
+  implicit-rtol=R  plain CG with rtol R (--rtols R ...: the accuracy/time trade-off)
   torchopt      torchopt.diff.implicit.custom_root, same forward, solve_cg(rtol=1e-10)
   unroll-K      K steps of gradient descent (step 1/L, gradient written out in plain torch)
                 tracked by autograd, backward through all of them
@@ -19,10 +26,9 @@ peak RSS increase of forward+backward measured in a fresh subprocess per method.
 Gradient error: max relative error against the closed-form hypergradient
 −∇L_valᵀ H⁻¹ w* (H = the exact per-problem Hessian, dense Cholesky, tight forward solve).
 
-    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 9 --slow-reps 1 --sizes 100 \\
-        --threads 1 --rtols 1e-6 1e-7
+    flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 5 --slow-reps 1 --sizes 100 --threads 1
     flock /tmp/amortized-cpu.lock python benchmarks/implicit.py --reps 3 --slow-reps 1 --sizes 1000 \\
-        --threads 1 --rtols 1e-6 1e-8
+        --threads 1
 """
 
 import argparse
@@ -84,27 +90,47 @@ def val_loss(kind, w, Xv, tv):
 
 
 def forward_solve(kind, lam, X, t):
-    """The no-grad inner solve shared by the implicit methods (exact enough for 1e-9 grads)."""
+    """The no-grad inner solve shared by the implicit methods (exact enough for 1e-9 grads):
+    Preconditioned(w, M) with M the Cholesky factor of the Hessian for ridge (the forward
+    factors it anyway; "implicit+factor" hands it to the backward, the others drop it)."""
     with torch.no_grad():
         if kind == "ridge":
-            H = X.mT @ X + lam[:, None, None] * torch.eye(X.shape[-1], dtype=DT)
-            L = torch.linalg.cholesky(H)
-            return torch.cholesky_solve((X.mT @ t.unsqueeze(-1)), L).squeeze(-1)
+            L = torch.linalg.cholesky(hessian_closed_form(kind, None, lam, X))
+            w = torch.cholesky_solve((X.mT @ t.unsqueeze(-1)), L).squeeze(-1)
+            return am.implicit.Preconditioned(w, am.implicit.cholesky_preconditioner(L))
         w0 = torch.zeros(X.shape[0], X.shape[-1], dtype=DT)
         sol = lbfgs(objective(kind), w0, lam, X, t, tol=1e-11, max_iter=2000, history=20, grad="unroll")
         assert bool(sol.solved.all()), sol.status
-        return sol.y
+        return am.implicit.Preconditioned(sol.y, None)
+
+
+def hessian_closed_form(kind, w, lam, X):
+    """X^T D X + lam I per problem (B, n, n); D = 1 (ridge) or σ(Xw)(1 − σ(Xw)) (logistic)."""
+    if kind == "ridge":
+        XDX = X.mT @ X
+    else:
+        XDX = X.mT @ (logistic_weights(w, X).unsqueeze(-1) * X)
+    return XDX + lam[:, None, None] * torch.eye(X.shape[-1], dtype=DT)
+
+
+def logistic_weights(w, X):
+    """D = σ(Xw)(1 − σ(Xw)), the logistic loss's curvature per sample (B, m)."""
+    s = torch.sigmoid((X @ w.unsqueeze(-1)).squeeze(-1))
+    return s * (1 - s)
+
+
+def woodbury_apply(v, X, d, L, lam):
+    """(λI + ZᵀZ)⁻¹ v per problem with Z = diag(d) X, from L = chol(λI + ZZᵀ) (B, m, m)
+    (matrix inversion lemma; Z is never formed, so nothing of X's size is copied)."""
+    Zv = d * (X @ v.unsqueeze(-1)).squeeze(-1)
+    u = torch.cholesky_solve(Zv.unsqueeze(-1), L).squeeze(-1)
+    return (v - (X.mT @ (d * u).unsqueeze(-1)).squeeze(-1)) / lam.unsqueeze(-1)
 
 
 def reference(kind, X, t, Xv, tv, lam):
     """Closed-form hypergradient −∇L_valᵀ H⁻¹ w per problem (dense Hessian, Cholesky)."""
-    w = forward_solve(kind, lam, X, t)
-    if kind == "ridge":
-        D = torch.ones_like(t)
-    else:
-        s = torch.sigmoid((X @ w.unsqueeze(-1)).squeeze(-1))
-        D = s * (1 - s)
-    H = X.mT @ (D.unsqueeze(-1) * X) + lam[:, None, None] * torch.eye(X.shape[-1], dtype=DT)
+    w = forward_solve(kind, lam, X, t).y
+    H = hessian_closed_form(kind, w, lam, X)
     wv = w.clone().requires_grad_()
     (gv,) = torch.autograd.grad(val_loss(kind, wv, Xv, tv), wv)
     return -(gv * torch.cholesky_solve(w.unsqueeze(-1), torch.linalg.cholesky(H)).squeeze(-1)).sum(-1)
@@ -119,11 +145,27 @@ def method_fns(kind, X, t, Xv, tv, rtols=()):
     gf = grad_f(kind)
     lr = 1.0 / smoothness(kind, X, torch.ones(1, dtype=DT) * 1.5)
 
-    def implicit(rtol=None):
-        solver = am.custom_root(gf, solve="cg", rtol=rtol)(
-            lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
-        )
+    def implicit(rtol=None, precond=None, factor=False):
+        def fwd(w0, lam_, X_, t_):
+            sol = forward_solve(kind, lam_, X_, t_)
+            return sol if factor else sol.y
+
+        solver = am.custom_root(gf, solve="cg", rtol=rtol, precond=precond)(fwd)
         return lambda lam: solver(None, lam, X, t)
+
+    def hessian_precond(w, lam_, X_, t_):
+        """M = H⁻¹, H = XᵀDX + λI in closed form at the solution, built in the backward: the
+        Cholesky factor of H when n ≤ m, else (n > m: H is λI plus rank m) its Woodbury form
+        H⁻¹v = (v − Zᵀ(λI + ZZᵀ)⁻¹Zv)/λ with Z = D^½X, through an m×m Cholesky factor.
+        Its tensors live only during the backward (nothing is kept from the forward)."""
+        m, n = X_.shape[-2:]
+        if n <= m:
+            return am.implicit.cholesky_preconditioner(
+                torch.linalg.cholesky(hessian_closed_form(kind, w, lam_, X_))
+            )
+        d = torch.ones_like(t_) if kind == "ridge" else logistic_weights(w, X_).sqrt()
+        K = d.unsqueeze(-1) * (X_ @ X_.mT) * d.unsqueeze(-2) + lam_[:, None, None] * torch.eye(m, dtype=DT)
+        return am.implicit.Preconditioner(woodbury_apply, (X_, d, torch.linalg.cholesky(K), lam_))
 
     def unroll(K):
         # The strongest unrolled baseline: plain tensor ops with the gradient written out
@@ -138,7 +180,9 @@ def method_fns(kind, X, t, Xv, tv, rtols=()):
 
         return run
 
-    fns = {"implicit": implicit()}
+    fns = {"implicit": implicit(), "implicit+hess": implicit(precond=hessian_precond)}
+    if kind == "ridge":
+        fns["implicit+factor"] = implicit(factor=True)
     fns.update({f"implicit-rtol={r:g}": implicit(r) for r in rtols})
     fns.update({"unroll-100": unroll(100), "unroll-1000": unroll(1000)})
     try:
@@ -148,7 +192,7 @@ def method_fns(kind, X, t, Xv, tv, rtols=()):
 
         def to(lam):
             solver = torchopt.diff.implicit.custom_root(gf, argnums=1, solve=solve)(
-                lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_)
+                lambda w0, lam_, X_, t_: forward_solve(kind, lam_, X_, t_).y
             )
             return solver(torch.zeros(X.shape[0], X.shape[-1], dtype=DT), lam, X, t)
 

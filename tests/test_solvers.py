@@ -240,3 +240,58 @@ def test_truncated_gradient_descent_matches_its_closed_form():
         P = torch.linalg.matrix_power(torch.eye(n, dtype=F64) - lr * A, K)
         dw = -((torch.eye(n, dtype=F64) - P) @ torch.linalg.solve(A, w.unsqueeze(-1))).squeeze(-1)
         torch.testing.assert_close(g_trunc, (dw * c).sum(-1), rtol=1e-7, atol=1e-9)
+
+
+def test_newton_hands_its_last_factor_to_the_implicit_backward():
+    """Newton keeps the Cholesky factor of its last step as sol.precond; the implicit CG
+    preconditioned by it needs at most two matvecs instead of about n, and the gradient is
+    the same as without it and as unrolled Newton's."""
+    X, t, lam = logistic_problem(n=12, seed=11)
+    y0 = torch.zeros(6, 12, dtype=F64)
+    c = torch.randn(6, 12, generator=torch.Generator().manual_seed(12), dtype=F64)
+
+    def grad_and_matvecs(**opts):
+        calls = []
+
+        def counting_cg(matvec, r, precond=None):
+            return am.implicit.linear_solve.cg(lambda v: calls.append(1) or matvec(v), r, precond=precond)
+
+        lam_r = lam.clone().requires_grad_()
+        sol = solvers.newton(logistic_f, y0, X, t, lam_r, tol=1e-12, solve=counting_cg, **opts)
+        (g,) = torch.autograd.grad((sol.y * c).sum(), lam_r)
+        return sol, g, len(calls)
+
+    sol, g_pc, n_pc = grad_and_matvecs()
+    sol_plain, g_plain, n_plain = grad_and_matvecs(precondition=False)
+    assert sol.precond is not None and sol_plain.precond is None
+    assert sol.precond.tensors[0].shape == (6, 12, 12)
+    assert n_pc <= 2 < 8 <= n_plain
+    lam_u = lam.clone().requires_grad_()
+    sol_u = solvers.newton(logistic_f, y0, X, t, lam_u, tol=1e-13, grad="unroll")
+    (g_unroll,) = torch.autograd.grad((sol_u.y * c).sum(), lam_u)
+    torch.testing.assert_close(g_pc, g_plain, rtol=1e-9, atol=1e-11)
+    torch.testing.assert_close(g_pc, g_unroll, rtol=1e-8, atol=1e-10)
+
+
+def test_newton_started_at_the_solution_hands_over_the_exact_hessian():
+    """No iteration counts, but the driver's one (frozen) step factors the Hessian at y* itself:
+    sol.precond is exact, the backward takes one matvec, and the gradient is unrolled Newton's."""
+    X, t, lam = logistic_problem(seed=13)
+    y_star = solvers.newton(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam, tol=1e-13).y.detach()
+    lam_r = lam.clone().requires_grad_()
+    calls = []
+
+    def counting_cg(matvec, r, precond=None):
+        return am.implicit.linear_solve.cg(lambda v: calls.append(1) or matvec(v), r, precond=precond)
+
+    sol = solvers.newton(logistic_f, y_star, X, t, lam_r, tol=1e-6, solve=counting_cg)
+    assert sol.iters.max() == 0
+    (L,) = sol.precond.tensors
+    H = solvers.hessian(logistic_f, (X, t, lam), y_star)
+    torch.testing.assert_close(L @ L.mT, H, rtol=1e-12, atol=1e-12)
+    (g,) = torch.autograd.grad(sol.y.sum(), lam_r)
+    assert len(calls) == 1
+    lam_u = lam.clone().requires_grad_()
+    sol_u = solvers.newton(logistic_f, torch.zeros(6, 5, dtype=F64), X, t, lam_u, tol=1e-13, grad="unroll")
+    (g_u,) = torch.autograd.grad(sol_u.y.sum(), lam_u)
+    torch.testing.assert_close(g, g_u, rtol=1e-8, atol=1e-10)

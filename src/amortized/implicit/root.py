@@ -12,7 +12,11 @@ linear solve, and finishes with one vjp w.r.t. the parameters. The solve may ign
 product and reuse a structured factorization from the forward pass (the QP's KKT Cholesky,
 as in OptNet) and be polished by iterative refinement against the exact product
 (`implicit_root`), or be a batched matrix-free Krylov method or a dense per-problem solve
-(`custom_root`, `custom_fixed_point`). The systems of the B problems are solved
+(`custom_root`, `custom_fixed_point`). A Krylov solve can be preconditioned by curvature
+the forward solver already has (`Preconditioned(y, M)`: a Newton step's Cholesky factor,
+whose tensors are then kept until the backward) or by M built in the backward
+(`custom_root(precond=...)`): with M = (∂F/∂y)⁻ᵀ it stops after one matvec, and the
+tolerance is still tested on the true residual. The systems of the B problems are solved
 independently (never one (B·N)×(B·N) system). This follows jaxopt's `custom_root` /
 `root_vjp` (Blondel et al., "Efficient and Modular Implicit Differentiation", 2022).
 
@@ -24,6 +28,8 @@ call), so `torch.func.vmap` over a function that calls a decorated solver works 
 import functools
 import warnings
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -31,51 +37,121 @@ from torch import Tensor
 from amortized.linalg import linear_solve as ls
 
 Tensors = tuple[Tensor, ...]
-# (matvec: tuple -> tuple, v: tuple) -> u with (∂F/∂y)ᵀ u = v
-TupleSolve = Callable[[Callable[[Tensors], Tensors], Tensors], Tensors]
+# (matvec: tuple -> tuple, v: tuple, precond: tuple -> tuple | None) -> u with (∂F/∂y)ᵀ u = v
+TupleSolve = Callable[..., Tensors]
 
-_N_FIXED = 5  # non-tensor leading arguments of _Implicit.forward
+
+@dataclass(frozen=True)
+class Preconditioner:
+    """M ≈ (∂F/∂y)⁻ᵀ for the implicit backward, handed over by a forward solver from
+    curvature it already has (the Cholesky factor of a Newton step, L-BFGS pairs), so the
+    backward's Krylov solve needs a few matvecs instead of tens (with M exact, one).
+
+    apply(v, *tensors) -> M v: v and the result shaped like the solution y (a tensor (B, ...),
+    or a tuple of such tensors for a tuple solution), row b depending only on row b of v.
+    tensors: everything apply reads besides v. The implicit Function saves them for its
+    backward, so they are graph memory like an unrolled solver's iterates (and are seen by
+    saved-tensor hooks): apply must not close over other large tensors. For "cg" M must be
+    symmetric positive definite (it is for the inverse of a positive definite Hessian
+    approximation); for the other iterative solves any non-singular M works.
+    """
+
+    apply: Callable[..., Tensor | Tensors]
+    tensors: Tensors = ()
+
+    def __call__(self, v: Tensor | Tensors) -> Tensor | Tensors:
+        return self.apply(v, *self.tensors)
+
+
+def _cholesky_apply(v: Tensor, L: Tensor) -> Tensor:
+    return torch.cholesky_solve(v.unsqueeze(-1), L).squeeze(-1)
+
+
+def cholesky_preconditioner(L: Tensor) -> Preconditioner:
+    """M v = (L Lᵀ)⁻¹ v for a solution y (B, n) and lower Cholesky factors L (B, n, n) of
+    (an approximation of) the symmetric Jacobian ∂F/∂y, e.g. the Hessian of an argmin. With
+    the exact Hessian at the solution the backward's CG converges after one matvec."""
+    return Preconditioner(_cholesky_apply, (L,))
+
+
+class Preconditioned(NamedTuple):
+    """What a solver decorated by `custom_root` may return instead of y: the solution and a
+    `Preconditioner` for the backward's linear solve. The decorated solver still returns y."""
+
+    y: Tensor | Tensors
+    precond: Preconditioner | None
+
+
+class _Spec:
+    """The non-tensor part of one implicit call. run(*inputs) -> ys (a tuple) or
+    Preconditioned(ys, M); the forward records how many ys there are and M's apply (its
+    tensors travel as extra non-differentiable outputs, so they are saved like any output).
+    solve(matvec, v, precond) -> u; refine: iterative-refinement steps; n_pre: leading inputs
+    (an initial guess, or the solution itself) that get no gradient; single: whether M acts
+    on one tensor rather than a tuple; build(y, params) -> Preconditioner | None makes one
+    in the backward instead (nothing kept)."""
+
+    def __init__(self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None):
+        self.run, self.F, self.solve, self.refine, self.n_pre, self.single = (
+            run,
+            F,
+            solve,
+            refine,
+            n_pre,
+            single,
+        )
+        self.build = build
+        self.n_y = 0
+        self.apply: Callable | None = None
 
 
 class _Implicit(torch.autograd.Function):
-    """forward(run, F, solve, refine, n_pre, *inputs): ys = run(*inputs); the last
-    len(inputs) − n_pre inputs are the parameters θ of F(*ys, *θ); the first n_pre (an
-    initial guess, or the solution itself) get no gradient."""
+    """forward(spec, *inputs): ys = spec.run(*inputs) (+ the preconditioner's tensors); the
+    last len(inputs) − spec.n_pre inputs are the parameters θ of F(*ys, *θ)."""
 
     @staticmethod
-    def forward(run, F, solve, refine, n_pre, *inputs):
+    def forward(spec, *inputs):
+        out = spec.run(*inputs)
+        extra: Tensors = ()
+        if isinstance(out, Preconditioned):
+            out, pc = out
+            if pc is not None:
+                spec.apply, extra = pc.apply, tuple(pc.tensors)
+        spec.n_y = len(out)
         # Clone: an output must not alias an input (a solver may return its init unchanged).
-        return tuple(y.detach().clone() for y in run(*inputs))
+        return tuple(y.detach().clone() for y in out) + tuple(t.detach() for t in extra)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
-        run, F, solve, refine, n_pre, *args = inputs
-        params = args[n_pre:]
-        ctx.F, ctx.solve, ctx.refine, ctx.n_pre, ctx.n_y = F, solve, refine, n_pre, len(output)
+        spec, *args = inputs
+        params = args[spec.n_pre :]
+        ctx.spec, ctx.n_y, ctx.n_out = spec, spec.n_y, len(output)
+        ctx.mark_non_differentiable(*output[spec.n_y :])
         ctx.tensor_idx = [i for i, p in enumerate(params) if isinstance(p, Tensor)]
         ctx.others = [None if isinstance(p, Tensor) else p for p in params]
         ctx.save_for_backward(*output, *(params[i] for i in ctx.tensor_idx))
 
     @staticmethod
     def backward(ctx, *v):
+        spec = ctx.spec
         saved = ctx.saved_tensors
-        ys, tparams = saved[: ctx.n_y], saved[ctx.n_y :]
+        ys, extra, tparams = saved[: ctx.n_y], saved[ctx.n_y : ctx.n_out], saved[ctx.n_out :]
         params = list(ctx.others)
         for i, p in zip(ctx.tensor_idx, tparams, strict=False):
             params[i] = p
-        offset = _N_FIXED + ctx.n_pre
+        offset = 1 + spec.n_pre
         wanted = [i for i in ctx.tensor_idx if ctx.needs_input_grad[offset + i]]
-        v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v, strict=False))
+        v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v[: ctx.n_y], strict=False))
 
         def F_of(ys_, ps_):
             full = list(params)
             for i, p in zip(wanted, ps_, strict=False):
                 full[i] = p
-            return tuple(ctx.F(*ys_, *full))
+            return tuple(spec.F(*ys_, *full))
 
         out: list[Tensor | None] = [None] * len(params)
         if not wanted:
-            return (None,) * (_N_FIXED + ctx.n_pre) + tuple(out)
+            return (None,) * offset + tuple(out)
         ys_d = tuple(y.detach() for y in ys)
         ps_d = tuple(params[i].detach() for i in wanted)
         # Two linearizations of F: one in y alone for the solve's matvecs, so that no
@@ -87,27 +163,40 @@ class _Implicit(torch.autograd.Function):
         def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
             return vjp_y(u)[0]
 
-        u = tuple(ctx.solve(matvec, v))
-        for _ in range(ctx.refine):
+        M, single = None, spec.single()
+        if spec.apply is not None:
+            M = Preconditioner(spec.apply, extra)
+        elif spec.build is not None:
+            with torch.no_grad():
+                M = spec.build(ys_d[0] if single else ys_d, params)
+        precond = None
+        if M is not None:
+
+            def precond(u: Tensors) -> Tensors:  # M u ≈ (∂F/∂y)⁻ᵀ u, per problem
+                mu = M(u[0] if single else u)
+                return (mu,) if single else tuple(mu)
+
+        u = tuple(spec.solve(matvec, v, precond))
+        for _ in range(spec.refine):
             JTu = matvec(u)
-            du = ctx.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)))
+            du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)), precond)
             u = tuple(ui + di for ui, di in zip(u, du, strict=False))
         with torch.enable_grad():
             _, vjp_p = torch.func.vjp(lambda ps_: F_of(ys_d, ps_), ps_d)
         (grads,) = vjp_p(tuple(-ui for ui in u))
         for i, g in zip(wanted, grads, strict=False):
             out[i] = g
-        return (None,) * (_N_FIXED + ctx.n_pre) + tuple(out)
+        return (None,) * offset + tuple(out)
 
     @staticmethod
-    def vmap(info, in_dims, run, F, solve, refine, n_pre, *inputs):
+    def vmap(info, in_dims, spec, *inputs):
         # Each slice of the vmapped dimension is an independent implicit problem: solve them
         # one after another (a solver may use data-dependent control flow that vmap forbids).
-        dims = in_dims[_N_FIXED:]
+        dims = in_dims[1:]
         outs = []
         for k in range(info.batch_size):
             sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=False)]
-            outs.append(_Implicit.apply(run, F, solve, refine, n_pre, *sl))
+            outs.append(_Implicit.apply(spec, *sl))
         stacked = tuple(torch.stack(o) for o in zip(*outs, strict=False))
         return stacked, (0,) * len(stacked)
 
@@ -134,7 +223,8 @@ def implicit_root(
     def run(*inputs):
         return inputs[:n_y]
 
-    return _Implicit.apply(run, F, lambda matvec, v: solve_transpose(v), refine, n_y, *ys, *params)
+    spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y)
+    return _Implicit.apply(spec, *ys, *params)[:n_y]
 
 
 def _flat(ts: Sequence[Tensor]) -> Tensor:
@@ -163,8 +253,11 @@ def make_transpose_solve(
 
     solve: "cg" | "gmres" | "bicgstab" | "neumann" | "direct", or a callable
     solve(matvec, r) -> x or (x, converged) on flat per-problem vectors r (B, N), where
-    matvec(x) = (∂F/∂y)ᵀ x row-wise. Rows whose solve fails to converge or is not finite
-    warn (RuntimeWarning); non-finite rows get u = 0, so no NaN reaches the parameters.
+    matvec(x) = (∂F/∂y)ᵀ x row-wise; when the forward solver attached a `Preconditioner`
+    the callable is called as solve(matvec, r, precond=M) with M acting on (B, N) rows too
+    (the named iterative solves use it, "direct" ignores it). Rows whose solve fails to
+    converge or is not finite warn (RuntimeWarning); non-finite rows get u = 0, so no NaN
+    reaches the parameters. The result is tuple_solve(matvec, v, precond=None) on tuples.
     """
     if isinstance(solve, str):
         if solve not in ls.SOLVERS:
@@ -176,20 +269,23 @@ def make_transpose_solve(
         if solve == "direct":
             kwargs = {"symmetric": symmetric}
 
-        def flat_solve(matvec, r):
-            return fn(matvec, r, **kwargs)
+        def flat_solve(matvec, r, **pc):
+            return fn(matvec, r, **kwargs, **pc)
     elif callable(solve):
         flat_solve = solve
     else:
         raise TypeError(f"solve must be a string or a callable, got {type(solve).__name__}")
 
-    def tuple_solve(matvec, v):
+    def tuple_solve(matvec, v, precond=None):
         r = _flat(v)
 
         def flat_matvec(x):
             return _flat(matvec(_unflat(x, v)))
 
-        out = flat_solve(flat_matvec, r)
+        pc = {}
+        if precond is not None:
+            pc["precond"] = lambda x: _flat(precond(_unflat(x, v)))
+        out = flat_solve(flat_matvec, r, **pc)
         x, ok = out if isinstance(out, tuple) else (out, torch.isfinite(out).all(-1))
         finite = torch.isfinite(x).all(-1)
         x = torch.where(finite.unsqueeze(-1), x, torch.zeros((), dtype=x.dtype, device=x.device))
@@ -223,6 +319,7 @@ def custom_root(
     rtol: float | None = None,
     max_iter: int | None = None,
     has_aux: bool = False,
+    precond: Callable[..., Preconditioner | None] | None = None,
 ):
     """Decorator: make `solver(init, *params) -> y` differentiable by implicit differentiation
     of `optimality_fn(y, *params) = 0` (jaxopt's `custom_root`, Blondel et al. 2022).
@@ -239,6 +336,16 @@ def custom_root(
     the params. `symmetric` lets "direct" use Cholesky. `rtol`, `max_iter` tune the
     iterative solves. has_aux: the solver returns (y, aux); aux is returned untouched.
 
+    Curvature from the forward: the solver may return `Preconditioned(y, M)` (in place of
+    y, also inside (y, aux)) with a `Preconditioner` M ≈ (∂F/∂y)⁻ᵀ built from what it
+    already computed, e.g. `cholesky_preconditioner(L)` with the factor of its last Newton
+    step, or `solvers.lbfgs`'s `sol.precond`. The iterative solve is then preconditioned by
+    M: one or a few matvecs instead of tens, still to the same tolerance on the true
+    residual. M's tensors are kept until the backward (graph memory). Or, keeping nothing,
+    `precond(y, *params) -> Preconditioner | None` builds M in the backward (its cost is
+    then part of the backward), e.g. `cholesky_preconditioner` of a Hessian written out in
+    closed form. A preconditioner returned by the solver takes precedence.
+
     The decorated solver returns y (or (y, aux)); `init` receives no gradient.
     """
     tsolve = make_transpose_solve(
@@ -254,8 +361,12 @@ def custom_root(
                 out = solver(init_, *ps)
                 if has_aux:
                     out, meta["aux"] = out
+                precond = None
+                if isinstance(out, Preconditioned):
+                    out, precond = out
                 meta["single"] = isinstance(out, Tensor)
-                return (out,) if meta["single"] else tuple(out)
+                ys = (out,) if meta["single"] else tuple(out)
+                return Preconditioned(ys, precond)
 
             def F(*args):
                 n_y = len(args) - len(params)
@@ -263,7 +374,9 @@ def custom_root(
                 res = optimality_fn(ys[0] if meta["single"] else ys, *ps)
                 return (res,) if meta["single"] else tuple(res)
 
-            ys = _Implicit.apply(run, F, tsolve, 0, 1, init, *params)
+            build = None if precond is None else (lambda y, ps: precond(y, *ps))
+            spec = _Spec(run, F, tsolve, 0, 1, single=lambda: meta["single"], build=build)
+            ys = _Implicit.apply(spec, init, *params)[: spec.n_y]
             y = ys[0] if meta["single"] else ys
             return (y, meta.get("aux")) if has_aux else y
 
@@ -279,13 +392,15 @@ def custom_fixed_point(
     rtol: float | None = None,
     max_iter: int | None = None,
     has_aux: bool = False,
+    precond: Callable[..., Preconditioner | None] | None = None,
 ):
     """Decorator for a solver of y = T(y, *params) (y (B, ...) batch-first; row b of T
     depends only on problem b): `custom_root` with optimality y − T(y, *params).
 
     The backward solves (I − ∂T/∂y)ᵀ u = −v per problem; "neumann" sums the series
     Σ (∂T/∂yᵀ)^k, which converges for a contraction (the DEQ setting); "gmres" (default)
-    needs only I − ∂T non-singular.
+    needs only I − ∂T non-singular. precond (and a solver returning `Preconditioned`):
+    M ≈ (I − ∂T/∂y)⁻ᵀ, see `custom_root`.
     """
 
     def residual(y, *params):
@@ -294,4 +409,4 @@ def custom_fixed_point(
             return y - t
         return tuple(a - b for a, b in zip(y, t, strict=False))
 
-    return custom_root(residual, solve, rtol=rtol, max_iter=max_iter, has_aux=has_aux)
+    return custom_root(residual, solve, rtol=rtol, max_iter=max_iter, has_aux=has_aux, precond=precond)

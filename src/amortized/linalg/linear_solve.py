@@ -18,15 +18,22 @@ part); on an accelerator it runs every few iterations.
               positive definite, otherwise Householder QR. Batched LU is avoided on purpose
               (torch 2.13 CPU batched LU is unreliable for N ≳ 150 with several threads).
 
-Each returns (x (B, N), converged (B,) bool).
+Each returns (x (B, N), converged (B,) bool). The iterative ones take an optional
+preconditioner `precond(x) -> M x` with M ≈ A⁻¹ row-wise (e.g. a factorization or curvature
+pairs the forward solver already had): CG runs preconditioned CG (M symmetric positive
+definite), GMRES, BiCGStab and Neumann solve A M z = r and return x = M z (right
+preconditioning, so the tested residual is the true one). With M = A⁻¹ every one of them
+stops after its first matvec.
 """
 
+import functools
 from collections.abc import Callable
 
 import torch
 from torch import Tensor
 
 Matvec = Callable[[Tensor], Tensor]
+Precond = Callable[[Tensor], Tensor] | None
 
 
 def default_rtol(dtype: torch.dtype) -> float:
@@ -78,42 +85,72 @@ def cg(
     rtol: float | None = None,
     max_iter: int | None = None,
     check_every: int | None = None,
+    precond: Precond = None,
 ) -> tuple[Tensor, Tensor]:
-    """Conjugate gradients for symmetric positive definite A_b (Hestenes & Stiefel 1952).
+    """Conjugate gradients for symmetric positive definite A_b (Hestenes & Stiefel 1952),
+    preconditioned by M ≈ A⁻¹ (symmetric positive definite) when `precond` is given.
 
-    r, x0: (B, N). max_iter defaults to 2N + 10 (exact arithmetic needs N). A row whose
-    curvature pᵀAp is not positive (A not positive definite there) stops and is reported
+    r, x0: (B, N). max_iter defaults to 2N + 10 (exact arithmetic needs N). Convergence is
+    tested on the residual ‖r − Ax‖ itself, not its M-norm. A row whose curvature pᵀAp (or
+    resᵀM res) is not positive (A or M not positive definite there) stops and is reported
     not converged.
     """
+    M = precond if precond is not None else (lambda x: x)
     B, N = r.shape
     max_iter = 2 * N + 10 if max_iter is None else max_iter
     thresh = _threshold(r, rtol)
     check_every = _check_every(r, check_every)
     x = torch.zeros_like(r) if x0 is None else x0.clone()
     res = r - matvec(x) if x0 is not None else r.clone()
-    p = res.clone()
-    rs = _dot(res, res)
-    active = rs > thresh
-    broken = torch.zeros_like(active)
+    z = M(res)
+    p = z.clone()
+    rz = _dot(res, z)  # = ‖res‖² without a preconditioner
+    active = _dot(res, res) > thresh
+    broken = active & ~(rz > 0)
+    active = active & ~broken
     for k in range(max_iter):
         Ap = matvec(p)
         pAp = _dot(p, Ap)
         bad = active & ~(pAp > 0)
         broken = broken | bad
         active = active & ~bad
-        alpha = torch.where(active, rs / _safe(pAp), 0.0)
+        alpha = torch.where(active, rz / _safe(pAp), 0.0)
         x = x + alpha.unsqueeze(-1) * p
         res = res - alpha.unsqueeze(-1) * Ap
-        rs_new = _dot(res, res)
-        beta = torch.where(active, rs_new / _safe(rs), 0.0)
-        p = res + beta.unsqueeze(-1) * p
-        rs = torch.where(active, rs_new, rs)
-        active = active & (rs > thresh)
+        active = active & (_dot(res, res) > thresh)
         if (k + 1) % check_every == 0 and not any_true(active):
-            break
+            break  # before M: applying a preconditioner may cost as much as a matvec
+        z = M(res)
+        rz_new = _dot(res, z)
+        bad = active & ~(rz_new > 0)
+        broken = broken | bad
+        active = active & ~bad
+        beta = torch.where(active, rz_new / _safe(rz), 0.0)
+        p = z + beta.unsqueeze(-1) * p
+        rz = torch.where(active, rz_new, rz)
     return x, ~active & ~broken & torch.isfinite(x).all(-1)
 
 
+def _right_preconditioned(
+    solver: Callable[..., tuple[Tensor, Tensor]],
+) -> Callable[..., tuple[Tensor, Tensor]]:
+    """Add `precond` (M ≈ A⁻¹) to a solver by right preconditioning: solve A M z = r − A x0
+    and return x = x0 + M z. The residual of z in A M is the true residual of x, so the
+    tolerance keeps its meaning (relative to ‖r − A x0‖ when x0 is given)."""
+
+    @functools.wraps(solver)
+    def wrapped(matvec: Matvec, r: Tensor, *, x0: Tensor | None = None, precond: Precond = None, **kw):
+        if precond is None:
+            return solver(matvec, r, x0=x0, **kw)
+        r0 = r if x0 is None else r - matvec(x0)
+        z, ok = solver(lambda z_: matvec(precond(z_)), r0, **kw)
+        x = precond(z) if x0 is None else x0 + precond(z)
+        return x, ok & torch.isfinite(x).all(-1)
+
+    return wrapped
+
+
+@_right_preconditioned
 def bicgstab(
     matvec: Matvec,
     r: Tensor,
@@ -154,6 +191,7 @@ def bicgstab(
     return x, (_dot(res, res) <= 4 * thresh) & torch.isfinite(x).all(-1)
 
 
+@_right_preconditioned
 def gmres(
     matvec: Matvec,
     r: Tensor,
@@ -179,7 +217,7 @@ def gmres(
     tiny = torch.finfo(r.dtype).tiny
     used = 0
     while True:
-        res = r - matvec(x)
+        res = r - matvec(x) if used or x0 is not None else r  # x = 0: no matvec needed
         beta = res.norm(dim=-1)
         active = (beta > thresh) & torch.isfinite(beta)
         if used >= max_iter or not any_true(active):
@@ -231,6 +269,7 @@ def gmres(
     return x, ~active & torch.isfinite(x).all(-1)
 
 
+@_right_preconditioned
 def neumann(
     matvec: Matvec,
     r: Tensor,

@@ -16,7 +16,7 @@ from enum import IntEnum
 import torch
 from torch import Tensor
 
-from amortized.implicit import custom_root
+from amortized.implicit import Preconditioned, Preconditioner, custom_root
 from amortized.linalg.linear_solve import any_true, materialize
 
 GRAD_MODES = ("implicit", "unroll", "truncated")
@@ -49,6 +49,10 @@ class SolverSolution:
     residual (B,) the final convergence measure (‖∇f‖∞ for minimizers, ‖T(y) − y‖∞ /
     (1 + ‖y‖∞) for fixed points); value (B,) f(y) for minimizers (None for fixed points);
     history (iters, B): the residual after every iteration (frozen rows repeat their value).
+    precond: the solver's final curvature as a `Preconditioner` for an implicit backward
+    (M ≈ (∇²f)⁻¹: Newton's last Cholesky factor), or None. The implicit mode already uses
+    it; a caller that wraps the solver in its own `custom_root` can return
+    `Preconditioned(sol.y, sol.precond)`.
     """
 
     y: Tensor
@@ -57,6 +61,7 @@ class SolverSolution:
     residual: Tensor
     value: Tensor | None
     history: Tensor
+    precond: Preconditioner | None = None
 
     @property
     def solved(self) -> Tensor:
@@ -162,6 +167,7 @@ def drive(
     truncate: int,
     solve: str | Callable | None,
     callback: Callable | None,
+    curvature: Callable[[dict], Preconditioner | None] | None = None,
 ) -> SolverSolution:
     """Run init/step to convergence with per-problem masks, in the requested gradient mode.
 
@@ -172,6 +178,8 @@ def drive(
     "truncated" solves without autograd, then backpropagates through `truncate` further
     iterations from the detached solution (truncated backprop; one step for a fixed point is
     the Jacobian-free backprop of Fung et al. 2022).
+    curvature(final state) -> Preconditioner | None: the solver's final curvature, which
+    preconditions the implicit backward's solve and is returned as sol.precond.
     """
     if grad not in GRAD_MODES:
         raise ValueError(f"grad must be one of {GRAD_MODES}, got {grad!r}")
@@ -222,13 +230,16 @@ def drive(
             res=state["res"].detach(),
             value=state.get("f"),
             history=torch.stack(hist) if hist else state["res"][None],
+            precond=None if curvature is None else curvature(state),
         )
         return state["y"]
 
     if grad == "implicit":
         optimality = gradient_fn(fn) if kind == "min" else (lambda y, *ps: y - fn(y, *ps))
         default = "cg" if kind == "min" else "gmres"
-        y = custom_root(optimality, solve=solve or default, symmetric=kind == "min")(loop)(y0, *params)
+        y = custom_root(optimality, solve=solve or default, symmetric=kind == "min")(
+            lambda y_start, *ps: Preconditioned(loop(y_start, *ps), info["precond"])
+        )(y0, *params)
     elif grad == "unroll":
         y = loop(y0, *params)
     else:
@@ -247,4 +258,5 @@ def drive(
         info["res"],
         None if value is None else value.detach(),
         info["history"],
+        info["precond"],
     )
