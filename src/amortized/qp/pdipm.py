@@ -136,7 +136,12 @@ def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> I
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
     dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
-    return Iterate(dz, -res.r_i - mv(kkt.d.G, dz), dlam, dnu)
+    ds = -res.r_i - mv(kkt.d.G, dz)
+    # on rows with s < λ the KKT solve's rounding error (relative to |r_c/λ − r_i|) can
+    # exceed s itself and block the step: take ds from the linearized complementarity
+    # instead, which moves that error into the primal residual
+    ds = torch.where(it.s < it.lam, -(r_c + it.s * dlam) / it.lam, ds)
+    return Iterate(dz, ds, dlam, dnu)
 
 
 def _max_step(x: Tensor, dx: Tensor) -> Tensor:
