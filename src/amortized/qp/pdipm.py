@@ -236,6 +236,10 @@ def pdipm(
         # proximal term ρ(z − z_k) they slow the steps but do not move the solution
         rho = delta = 10 * finfo.eps**0.5
     kkt_args = {"rho": rho, "delta": delta, "base": base}
+    # the primal form's proximal term ρ(z − z_k) caps each step at about |r_d|/ρ along
+    # directions where Q + GᵀWG is singular (LPs whose iterates must travel far along a
+    # nearly free face): its ρ (per problem) falls with μ down to the dual form's value
+    rho_min = regularization(dtype)
     # Newton directions need not be exact (convergence is judged on true residuals)
     refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
@@ -253,7 +257,8 @@ def pdipm(
     tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
     # the loop works on the problems still running, compacted as they finish
     idx = torch.arange(B, device=d.p.device)
-    w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried)
+    w_rho = None if base is not None else torch.full((B,), rho, dtype=dtype, device=d.p.device)
+    w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried, w_rho)
 
     for k in range(max_iter + 1):
         res = Residuals(w.d, w.it, w.sc)
@@ -286,13 +291,19 @@ def pdipm(
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
-        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=w.kkt_args["base"] is None, **w.kkt_args)
-        w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
-        w.running = w.running & kkt.ok
-        w.iters = w.iters + w.running
-        w.it, finite = _mehrotra_step(kkt, w.it, res, w.running, refine, floor)
-        w.status = torch.where(w.running & ~finite, NUMERICAL, w.status)
-        w.running = w.running & finite
+        args = w.kkt_args if w.rho is None else dict(w.kkt_args, rho=w.rho.unsqueeze(-1))
+        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=w.kkt_args["base"] is None, **args)
+        failed = w.running & ~kkt.ok & ~_retry_with_more_regularization(w, kkt.ok, rho)
+        w.status = torch.where(failed, NUMERICAL, w.status)
+        w.running = w.running & ~failed
+        moving = w.running & kkt.ok
+        w.iters = w.iters + moving
+        mu = _mu(w.it)
+        w.it, finite = _mehrotra_step(kkt, w.it, res, moving, refine, floor)
+        w.status = torch.where(moving & ~finite, NUMERICAL, w.status)
+        w.running = w.running & (finite | ~moving)
+        if w.rho is not None:
+            w.rho = _relax_regularization(w.rho, mu, _mu(w.it), rho_min)
     it, status, iters = w.flush(idx, it, status, iters)
     D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
     # the residuals of the original problem, measured through the scaling weights (no
@@ -354,6 +365,7 @@ class _Work:
     status: Tensor
     iters: Tensor
     tried: Tensor
+    rho: Tensor | None = None  # (B,) the primal form's regularization of the iterations
 
     def index(self, keep: Tensor) -> "_Work":
         base = self.kkt_args["base"]
@@ -368,12 +380,34 @@ class _Work:
             self.status[keep],
             self.iters[keep],
             self.tried[keep],
+            None if self.rho is None else self.rho[keep],
         )
 
     def flush(self, idx: Tensor, it: Iterate, status: Tensor, iters: Tensor):
         """Write the working set back into the full-batch iterate, status and counts."""
         it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), self.it.fields())))
         return it, status.index_copy(0, idx, self.status), iters.index_copy(0, idx, self.iters)
+
+
+def _mu(it: Iterate) -> Tensor:
+    """(B,) the mean complementarity sᵀλ/m (0 without inequalities)."""
+    return (it.s * it.lam).mean(-1) if it.s.shape[-1] else it.z.new_zeros(it.z.shape[0])
+
+
+def _relax_regularization(rho: Tensor, mu_old: Tensor, mu_new: Tensor, rho_min: float) -> Tensor:
+    """ρ (B,) shrunk by the step's progress in μ, as in PIQP, down to rho_min."""
+    ratio = torch.where(mu_old > 0, mu_new / mu_old.clamp(min=torch.finfo(mu_old.dtype).tiny), 1.0)
+    return (rho * ratio.clamp(max=1.0)).clamp(min=rho_min)
+
+
+def _retry_with_more_regularization(w: "_Work", ok: Tensor, rho0: float) -> Tensor:
+    """(B,) the problems whose factorization failed at a relaxed ρ: they get ρ0 back and
+    retry on the next iteration instead of stopping NUMERICAL."""
+    if w.rho is None:
+        return torch.zeros_like(ok)
+    retry = ~ok & (w.rho < rho0)
+    w.rho = torch.where(retry, rho0, w.rho)
+    return retry
 
 
 def _mehrotra_step(
