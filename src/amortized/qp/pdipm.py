@@ -43,6 +43,10 @@ class Iterate:
         return self.z, self.s, self.lam, self.nu
 
 
+# a residual within _ROUNDING·ε of the magnitudes summed in it is zero to working precision
+_ROUNDING = 10
+
+
 def _amax(x: Tensor) -> Tensor:
     return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
 
@@ -109,11 +113,35 @@ class Residuals:
         return torch.maximum((zQz + pz + hl + bn).abs(), sl)
 
     def meets(self, eps: float, eps_abs: float | None) -> Tensor:
-        """(B,) whether the relative test holds, and the absolute one when eps_abs is given."""
+        """(B,) whether the relative test holds, and the absolute one when eps_abs is given.
+        The absolute test asks each of primal, dual and gap to be ≤ eps_abs or within the
+        rounding error of computing it, whichever is larger: a gap of terms 1e8 has no
+        digits below 1e-8 in float64 (see `rounding_floor`)."""
         ok = self.relative() <= eps
         if eps_abs is not None:
-            ok = ok & (torch.stack([self.primal, self.dual, self.gap]).amax(0) <= eps_abs)
+            worst = torch.stack([self.primal, self.dual, self.gap])
+            above = ok & (worst > eps_abs).any(0)
+            if bool(above.any()):  # rare: only then pay for the floor
+                worst = torch.where(worst <= eps_abs, 0.0, worst / self.rounding_floor())
+                eps_abs = torch.where(above, 1.0, eps_abs)
+            ok = ok & (worst.amax(0) <= eps_abs)
         return ok
+
+    def rounding_floor(self) -> Tensor:
+        """(3, B) what rounding alone can leave in the primal residual, dual residual and gap
+        of the original problem: _ROUNDING·ε times the magnitudes summed in each, e.g.
+        ‖|Q||z| + |p| + |G|ᵀλ + |A|ᵀ|ν|‖∞ for the dual residual (temporary |·| copies)."""
+        d, it, N = self.d, self.it, self._norm
+        m = it.lam.shape[-1]
+        C_abs = d.C.abs()
+        primal = torch.maximum(
+            N(mv(C_abs[..., :m, :], it.z.abs()) + d.h.abs(), self.w_i),
+            N(mv(C_abs[..., m:, :], it.z.abs()) + d.b.abs(), self.w_e),
+        )
+        y_abs = torch.cat([it.lam, it.nu], -1).abs()
+        dual = N(mv(d.Q.abs(), it.z.abs()) + d.p.abs() + rmv(C_abs, y_abs), self.w_x)
+        gap = torch.stack([x.abs() for x in self._gap_terms[:4]]).sum(0)
+        return _ROUNDING * torch.finfo(gap.dtype).eps * torch.stack([primal, dual, gap])
 
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
@@ -291,12 +319,14 @@ def pdipm(
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
-        args = w.kkt_args if w.rho is None else dict(w.kkt_args, rho=w.rho.unsqueeze(-1))
+        args = w.kkt_args if w.rho is None else dict(w.kkt_args, rho=w.rho.unsqueeze(-1), delta=w.rho.unsqueeze(-1))
         kkt = KKT(w.d, w.it.s / w.it.lam, active_set=w.kkt_args["base"] is None, **args)
-        failed = w.running & ~kkt.ok & ~_retry_with_more_regularization(w, kkt.ok, rho)
+        # at a relaxed ρ the primal form must also prove accurate (at rho0 it is taken as is)
+        ok = kkt.ok if w.rho is None else kkt.ok & ((w.rho >= rho) | _accurate(kkt, w.it, res, w.rho))
+        failed = w.running & ~ok & ~_retry_with_more_regularization(w, ok, rho)
         w.status = torch.where(failed, NUMERICAL, w.status)
         w.running = w.running & ~failed
-        moving = w.running & kkt.ok
+        moving = w.running & ok
         w.iters = w.iters + moving
         mu = _mu(w.it)
         w.it, finite = _mehrotra_step(kkt, w.it, res, moving, refine, floor)
@@ -401,13 +431,25 @@ def _relax_regularization(rho: Tensor, mu_old: Tensor, mu_new: Tensor, rho_min: 
 
 
 def _retry_with_more_regularization(w: "_Work", ok: Tensor, rho0: float) -> Tensor:
-    """(B,) the problems whose factorization failed at a relaxed ρ: they get ρ0 back and
-    retry on the next iteration instead of stopping NUMERICAL."""
+    """(B,) the problems whose factorization failed at a relaxed ρ: their ρ grows 100-fold
+    (up to rho0) and they retry on the next iteration instead of stopping NUMERICAL."""
     if w.rho is None:
         return torch.zeros_like(ok)
     retry = ~ok & (w.rho < rho0)
-    w.rho = torch.where(retry, rho0, w.rho)
+    w.rho = torch.where(retry, (100 * w.rho).clamp(max=rho0), w.rho)
     return retry
+
+
+def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:
+    """(B,) whether the factorization solves the predictor's system up to its regularization
+    (ρ = δ (B,) times the solution) and √ε of its sizes: with ρ, δ relaxed too far the
+    primal form's Schur complement can factor and still return garbage (directions of 1e20
+    on LPs of Maros–Meszaros)."""
+    rhs = (res.neg_r_d, it.s - res.r_i, -res.r_e)
+    sol = kkt.solve(*rhs, refine=0)
+    err = torch.stack([_amax(a - r) for a, r in zip(kkt.apply(*sol), rhs)]).amax(0)
+    size = torch.stack([_amax(x) for x in (*rhs, *sol)]).amax(0)
+    return err <= torch.finfo(err.dtype).eps ** 0.5 * size + 2 * rho * size
 
 
 def _mehrotra_step(
