@@ -12,6 +12,13 @@ Once a problem's residuals reach a loose tolerance, an active-set polish (as in 
 solves the equality-constrained QP on the constraints found active. It makes the answer
 exact to working precision without driving λ/s to extremes, and its factorization is the
 one the implicit backward reuses. Problems whose polish fails keep iterating.
+
+Degenerate LPs (most of Maros–Meszaros) need three safeguards: ds is taken from the
+linearized complementarity on rows with s < λ (the KKT solve's rounding error there can
+exceed s and jam the step); the primal form's regularization ρ = δ is per problem and falls
+with μ (as in PIQP), checked for accuracy and raised again where the factorization fails or
+returns garbage; and an absolute tolerance below the rounding error of a residual (a gap of
+terms 1e8 in float64) is taken as met at that rounding error.
 """
 
 from dataclasses import dataclass
@@ -43,6 +50,8 @@ class Iterate:
         return self.z, self.s, self.lam, self.nu
 
 
+# the primal form's largest regularization, before a failed factorization means NUMERICAL
+_RHO_MAX = 1e-4
 # a residual within _ROUNDING·ε of the magnitudes summed in it is zero to working precision
 _ROUNDING = 10
 
@@ -241,7 +250,8 @@ def pdipm(
     the original one.
 
     SOLVED: primal, dual residual and gap all ≤ eps relative to their scales (and ≤ eps_abs
-    when given).
+    when given, or within _ROUNDING·ε of the magnitudes summed in them where that is larger,
+    see `Residuals.rounding_floor`).
     INFEASIBLE: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas every feasible
     point then has ‖z‖₁ ≥ 1/eps_inf, so the flag is not raised on a sensibly scaled feasible
     problem.
@@ -319,19 +329,18 @@ def pdipm(
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
-        args = w.kkt_args if w.rho is None else dict(w.kkt_args, rho=w.rho.unsqueeze(-1), delta=w.rho.unsqueeze(-1))
-        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=w.kkt_args["base"] is None, **args)
-        # at a relaxed ρ the primal form must also prove accurate (at rho0 it is taken as is)
-        ok = kkt.ok if w.rho is None else kkt.ok & ((w.rho >= rho) | _accurate(kkt, w.it, res, w.rho))
-        failed = w.running & ~ok & ~_retry_with_more_regularization(w, ok, rho)
-        w.status = torch.where(failed, NUMERICAL, w.status)
-        w.running = w.running & ~failed
-        moving = w.running & ok
-        w.iters = w.iters + moving
+        if w.rho is None:
+            kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
+            ok = kkt.ok
+        else:
+            kkt, ok = _factor_primal(w, res, rho)
+        w.status = torch.where(w.running & ~ok, NUMERICAL, w.status)
+        w.running = w.running & ok
+        w.iters = w.iters + w.running
         mu = _mu(w.it)
-        w.it, finite = _mehrotra_step(kkt, w.it, res, moving, refine, floor)
-        w.status = torch.where(moving & ~finite, NUMERICAL, w.status)
-        w.running = w.running & (finite | ~moving)
+        w.it, finite = _mehrotra_step(kkt, w.it, res, w.running, refine, floor)
+        w.status = torch.where(w.running & ~finite, NUMERICAL, w.status)
+        w.running = w.running & finite
         if w.rho is not None:
             w.rho = _relax_regularization(w.rho, mu, _mu(w.it), rho_min)
     it, status, iters = w.flush(idx, it, status, iters)
@@ -430,14 +439,21 @@ def _relax_regularization(rho: Tensor, mu_old: Tensor, mu_new: Tensor, rho_min: 
     return (rho * ratio.clamp(max=1.0)).clamp(min=rho_min)
 
 
-def _retry_with_more_regularization(w: "_Work", ok: Tensor, rho0: float) -> Tensor:
-    """(B,) the problems whose factorization failed at a relaxed ρ: their ρ grows 100-fold
-    (up to rho0) and they retry on the next iteration instead of stopping NUMERICAL."""
-    if w.rho is None:
-        return torch.zeros_like(ok)
-    retry = ~ok & (w.rho < rho0)
-    w.rho = torch.where(retry, (100 * w.rho).clamp(max=rho0), w.rho)
-    return retry
+def _factor_primal(w: "_Work", res: Residuals, rho0: float) -> tuple[KKT, Tensor]:
+    """The primal form's KKT system at the iterate with the problems' own ρ = δ (B,), and
+    (B,) whether it can be used: factored and, at a ρ relaxed below rho0, accurate. Where
+    not, ρ grows 100-fold (up to rho0 from below; beyond it, where even rho0 does not
+    factor, up to _RHO_MAX: a proximal term slows the steps but does not move the solution)
+    and the system is factored again."""
+    while True:
+        rho = w.rho.unsqueeze(-1)
+        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=True, **dict(w.kkt_args, rho=rho, delta=rho))
+        ok = kkt.ok & ((w.rho >= rho0) | _accurate(kkt, w.it, res, w.rho))
+        retry = w.running & ~ok & (w.rho < _RHO_MAX)
+        if not bool(retry.any()):
+            return kkt, ok
+        cap = torch.where(w.rho < rho0, rho0, _RHO_MAX)
+        w.rho = torch.where(retry, torch.minimum(100 * w.rho, cap), w.rho)
 
 
 def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:

@@ -90,7 +90,9 @@ def solve_qp(
     solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector).
     eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
     and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms).
-    eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default).
+    eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default), or, where
+    float64 cannot resolve eps_abs, within 10·ε of the magnitudes summed in it (a gap whose
+    terms are 1e8 has no digits below ~1e-8).
     warm_start: (B, n) or (n,) primal starting point.
     elastic: a penalty weight w > 0 switches on elastic mode: solve the closest feasible QP,
     min ½zᵀQz + pᵀz + w·(‖t‖₁ + ‖Az − b‖₁) s.t. Gz ≤ h + t, t ≥ 0 (see `qp.elastic`); exact
