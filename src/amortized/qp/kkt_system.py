@@ -176,7 +176,7 @@ class KKT:
         Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
         if self.active_set:
             C = torch.cat([d.G * self.hard.unsqueeze(-1), d.A], dim=-2)
-            dvec = torch.cat([torch.where(self.hard, D + delta, 1.0), torch.full_like(d.b, delta)], -1)
+            dvec = torch.cat([torch.where(self.hard, D + delta, 1.0), torch.zeros_like(d.b) + delta], -1)
             self.factor = factor_saddle(H, C, dvec)
         else:
             self.factor = factor_saddle(H, d.A, delta)

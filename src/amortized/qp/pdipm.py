@@ -12,6 +12,13 @@ Once a problem's residuals reach a loose tolerance, an active-set polish (as in 
 solves the equality-constrained QP on the constraints found active. It makes the answer
 exact to working precision without driving λ/s to extremes, and its factorization is the
 one the implicit backward reuses. Problems whose polish fails keep iterating.
+
+Degenerate LPs (most of Maros–Meszaros) need three safeguards: ds is taken from the
+linearized complementarity on rows with s < λ (the KKT solve's rounding error there can
+exceed s and jam the step); the primal form's regularization ρ = δ is per problem and falls
+with μ (as in PIQP), checked for accuracy and raised again where the factorization fails or
+returns garbage; and an absolute tolerance below the rounding error of a residual (a gap of
+terms 1e8 in float64) is taken as met at that rounding error.
 """
 
 from dataclasses import dataclass
@@ -41,6 +48,12 @@ class Iterate:
 
     def fields(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         return self.z, self.s, self.lam, self.nu
+
+
+# the primal form's largest regularization, before a failed factorization means NUMERICAL
+_RHO_MAX = 1e-4
+# a residual within _ROUNDING·ε of the magnitudes summed in it is zero to working precision
+_ROUNDING = 10
 
 
 def _amax(x: Tensor) -> Tensor:
@@ -114,11 +127,35 @@ class Residuals:
         return torch.maximum((zQz + pz + hl + bn).abs(), sl)
 
     def meets(self, eps: float, eps_abs: float | None) -> Tensor:
-        """(B,) whether the relative test holds, and the absolute one when eps_abs is given."""
+        """(B,) whether the relative test holds, and the absolute one when eps_abs is given.
+        The absolute test asks each of primal, dual and gap to be ≤ eps_abs or within the
+        rounding error of computing it, whichever is larger: a gap of terms 1e8 has no
+        digits below 1e-8 in float64 (see `rounding_floor`)."""
         ok = self.relative() <= eps
         if eps_abs is not None:
-            ok = ok & (torch.stack([self.primal, self.dual, self.gap]).amax(0) <= eps_abs)
+            worst = torch.stack([self.primal, self.dual, self.gap])
+            above = ok & (worst > eps_abs).any(0)
+            if bool(above.any()):  # rare: only then pay for the floor
+                worst = torch.where(worst <= eps_abs, 0.0, worst / self.rounding_floor())
+                eps_abs = torch.where(above, 1.0, eps_abs)
+            ok = ok & (worst.amax(0) <= eps_abs)
         return ok
+
+    def rounding_floor(self) -> Tensor:
+        """(3, B) what rounding alone can leave in the primal residual, dual residual and gap
+        of the original problem: _ROUNDING·ε times the magnitudes summed in each, e.g.
+        ‖|Q||z| + |p| + |G|ᵀλ + |A|ᵀ|ν|‖∞ for the dual residual (temporary |·| copies)."""
+        d, it, N = self.d, self.it, self._norm
+        m = it.lam.shape[-1]
+        C_abs = d.C.abs()
+        primal = torch.maximum(
+            N(mv(C_abs[..., :m, :], it.z.abs()) + d.h.abs(), self.w_i),
+            N(mv(C_abs[..., m:, :], it.z.abs()) + d.b.abs(), self.w_e),
+        )
+        y_abs = torch.cat([it.lam, it.nu], -1).abs()
+        dual = N(mv(d.Q.abs(), it.z.abs()) + d.p.abs() + rmv(C_abs, y_abs), self.w_x)
+        gap = torch.stack([x.abs() for x in self._gap_terms[:4]]).sum(0)
+        return _ROUNDING * torch.finfo(gap.dtype).eps * torch.stack([primal, dual, gap])
 
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
@@ -141,7 +178,12 @@ def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> I
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
     dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
-    return Iterate(dz, -res.r_i - kkt.d.Gx(dz), dlam, dnu)
+    ds = -res.r_i - kkt.d.Gx(dz)
+    # on rows with s < λ the KKT solve's rounding error (relative to |r_c/λ − r_i|) can
+    # exceed s itself and block the step: take ds from the linearized complementarity
+    # instead, which moves that error into the primal residual
+    ds = torch.where(it.s < it.lam, -(r_c + it.s * dlam) / it.lam, ds)
+    return Iterate(dz, ds, dlam, dnu)
 
 
 def _max_step(x: Tensor, dx: Tensor) -> Tensor:
@@ -213,7 +255,8 @@ def pdipm(
     the original one.
 
     SOLVED: primal, dual residual and gap all ≤ eps relative to their scales (and ≤ eps_abs
-    when given).
+    when given, or within _ROUNDING·ε of the magnitudes summed in them where that is larger,
+    see `Residuals.rounding_floor`).
     INFEASIBLE: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas every feasible
     point then has ‖z‖₁ ≥ 1/eps_inf, so the flag is not raised on a sensibly scaled feasible
     problem.
@@ -227,6 +270,11 @@ def pdipm(
     dtype = d.p.dtype
     finfo = torch.finfo(dtype)
     kkt_args = kkt_form(d)
+    rho = kkt_args["rho"]
+    # the primal form's proximal term ρ(z − z_k) caps each step at about |r_d|/ρ along
+    # directions where Q + GᵀWG is singular (LPs whose iterates must travel far along a
+    # nearly free face): its ρ (per problem) falls with μ down to the dual form's value
+    rho_min = regularization(dtype)
     # Newton directions need not be exact (convergence is judged on true residuals)
     refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
@@ -244,7 +292,10 @@ def pdipm(
     tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
     # the loop works on the problems still running, compacted as they finish
     idx = torch.arange(B, device=d.p.device)
-    w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried)
+    # only the dense primal form relaxes its ρ (the dual and separable forms' is already small)
+    dense_primal = kkt_args["base"] is None and d.sep is None
+    w_rho = torch.full((B,), rho, dtype=dtype, device=d.p.device) if dense_primal else None
+    w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried, w_rho)
 
     for k in range(max_iter + 1):
         res = Residuals(w.d, w.it, w.sc)
@@ -277,15 +328,20 @@ def pdipm(
                 keep = w.running.nonzero().squeeze(-1)
                 idx, w = idx[keep], w.index(keep)
                 res = Residuals(w.d, w.it, w.sc)
-        # the dense primal form keeps the rows with λ ≥ s apart (see KKT)
-        dense_primal = kkt_args["base"] is None and d.sep is None
-        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=dense_primal, **w.kkt_args)
-        w.status = torch.where(w.running & ~kkt.ok, NUMERICAL, w.status)
-        w.running = w.running & kkt.ok
+        if w.rho is None:
+            kkt = KKT(w.d, w.it.s / w.it.lam, **w.kkt_args)
+            ok = kkt.ok
+        else:
+            kkt, ok = _factor_primal(w, res, rho)
+        w.status = torch.where(w.running & ~ok, NUMERICAL, w.status)
+        w.running = w.running & ok
         w.iters = w.iters + w.running
+        mu = _mu(w.it)
         w.it, finite = _mehrotra_step(kkt, w.it, res, w.running, refine, floor)
         w.status = torch.where(w.running & ~finite, NUMERICAL, w.status)
         w.running = w.running & finite
+        if w.rho is not None:
+            w.rho = _relax_regularization(w.rho, mu, _mu(w.it), rho_min)
     it, status, iters = w.flush(idx, it, status, iters)
     D = torch.where(polished.unsqueeze(-1), polish_D, it.s / it.lam)
     # the residuals of the original problem, measured through the scaling weights (no
@@ -371,6 +427,7 @@ class _Work:
     status: Tensor
     iters: Tensor
     tried: Tensor
+    rho: Tensor | None = None  # (B,) the primal form's regularization of the iterations
 
     def index(self, keep: Tensor) -> "_Work":
         base = self.kkt_args["base"]
@@ -385,12 +442,53 @@ class _Work:
             self.status[keep],
             self.iters[keep],
             self.tried[keep],
+            None if self.rho is None else self.rho[keep],
         )
 
     def flush(self, idx: Tensor, it: Iterate, status: Tensor, iters: Tensor):
         """Write the working set back into the full-batch iterate, status and counts."""
         it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), self.it.fields())))
         return it, status.index_copy(0, idx, self.status), iters.index_copy(0, idx, self.iters)
+
+
+def _mu(it: Iterate) -> Tensor:
+    """(B,) the mean complementarity sᵀλ/m (0 without inequalities)."""
+    return (it.s * it.lam).mean(-1) if it.s.shape[-1] else it.z.new_zeros(it.z.shape[0])
+
+
+def _relax_regularization(rho: Tensor, mu_old: Tensor, mu_new: Tensor, rho_min: float) -> Tensor:
+    """ρ (B,) shrunk by the step's progress in μ, as in PIQP, down to rho_min."""
+    ratio = torch.where(mu_old > 0, mu_new / mu_old.clamp(min=torch.finfo(mu_old.dtype).tiny), 1.0)
+    return (rho * ratio.clamp(max=1.0)).clamp(min=rho_min)
+
+
+def _factor_primal(w: "_Work", res: Residuals, rho0: float) -> tuple[KKT, Tensor]:
+    """The primal form's KKT system at the iterate with the problems' own ρ = δ (B,), and
+    (B,) whether it can be used: factored and, at a ρ relaxed below rho0, accurate. Where
+    not, ρ grows 100-fold (up to rho0 from below; beyond it, where even rho0 does not
+    factor, up to _RHO_MAX: a proximal term slows the steps but does not move the solution)
+    and the system is factored again."""
+    while True:
+        rho = w.rho.unsqueeze(-1)
+        kkt = KKT(w.d, w.it.s / w.it.lam, active_set=True, **dict(w.kkt_args, rho=rho, delta=rho))
+        ok = kkt.ok & ((w.rho >= rho0) | _accurate(kkt, w.it, res, w.rho))
+        retry = w.running & ~ok & (w.rho < _RHO_MAX)
+        if not bool(retry.any()):
+            return kkt, ok
+        cap = torch.where(w.rho < rho0, rho0, _RHO_MAX)
+        w.rho = torch.where(retry, torch.minimum(100 * w.rho, cap), w.rho)
+
+
+def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:
+    """(B,) whether the factorization solves the predictor's system up to its regularization
+    (ρ = δ (B,) times the solution) and √ε of its sizes: with ρ, δ relaxed too far the
+    primal form's Schur complement can factor and still return garbage (directions of 1e20
+    on LPs of Maros–Meszaros)."""
+    rhs = (res.neg_r_d, it.s - res.r_i, -res.r_e)
+    sol = kkt.solve(*rhs, refine=0)
+    err = torch.stack([_amax(a - r) for a, r in zip(kkt.apply(*sol), rhs)]).amax(0)
+    size = torch.stack([_amax(x) for x in (*rhs, *sol)]).amax(0)
+    return err <= torch.finfo(err.dtype).eps ** 0.5 * size + 2 * rho * size
 
 
 def _mehrotra_step(

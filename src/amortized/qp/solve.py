@@ -98,7 +98,9 @@ def solve_qp(
     the same active-set polish and share the backward.
     eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
     and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms).
-    eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default).
+    eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default), or, where
+    float64 cannot resolve eps_abs, within 10·ε of the magnitudes summed in it (a gap whose
+    terms are 1e8 has no digits below ~1e-8).
     warm_start: a primal starting point z (B, n) or (n,), or a start with multipliers,
     (z, λ, ν) or a QPSolution (e.g. the previous solve's). "pdipm" uses z only; "admm"
     uses all (zero multipliers when only z is given).
