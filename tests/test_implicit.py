@@ -26,6 +26,24 @@ def ridge_f(w, X, t, lam):
     return 0.5 * ((X @ w.unsqueeze(-1)).squeeze(-1) - t).square().sum(-1) + 0.5 * lam * w.square().sum(-1)
 
 
+def _ridge_unrolled_grad(X, t, lam, outer):
+    """d outer(y*)/dλ by unrolling 4,000 gradient-descent steps (step 1/L) on ridge_f."""
+    lam_u = lam.clone().requires_grad_()
+    L = torch.linalg.matrix_norm(X, ord=2).amax() ** 2 + 2
+    sol_u = gradient_descent(
+        ridge_f,
+        torch.zeros(4, 5, dtype=F64),
+        X,
+        t,
+        lam_u,
+        lr=float(1 / L),
+        max_iter=4000,
+        tol=1e-13,
+        grad="unroll",
+    )
+    return torch.autograd.grad(outer(sol_u.y), lam_u)[0]
+
+
 def ridge_closed_form(X, t, lam):
     n = X.shape[-1]
     A = X.mT @ X + lam[:, None, None] * torch.eye(n, dtype=X.dtype)
@@ -51,20 +69,7 @@ def test_ridge_hypergradient_three_ways_and_closed_form():
     assert sol.solved.all()
     (g_impl,) = torch.autograd.grad(outer(sol.y), lam_i)
 
-    lam_u = lam.clone().requires_grad_()
-    L = torch.linalg.matrix_norm(X, ord=2).amax() ** 2 + 2
-    sol_u = gradient_descent(
-        ridge_f,
-        torch.zeros(4, 5, dtype=F64),
-        X,
-        t,
-        lam_u,
-        lr=float(1 / L),
-        max_iter=4000,
-        tol=1e-13,
-        grad="unroll",
-    )
-    (g_unroll,) = torch.autograd.grad(outer(sol_u.y), lam_u)
+    g_unroll = _ridge_unrolled_grad(X, t, lam, outer)
 
     d = torch.randn(4, generator=torch.Generator().manual_seed(2), dtype=F64)
     fd = central_fd(lambda l: outer(ridge_closed_form(X, t, l)[0]), lam, d)
@@ -495,20 +500,7 @@ def test_forward_factor_preconditions_the_backward_three_ways():
 
     w_c, A = ridge_closed_form(X, t, lam)
     g_closed = (2 * (w_c - target) * -torch.linalg.solve(A, w_c)).sum(-1)
-    lam_u = lam.clone().requires_grad_()
-    L = torch.linalg.matrix_norm(X, ord=2).amax() ** 2 + 2
-    sol_u = gradient_descent(
-        ridge_f,
-        torch.zeros(4, 5, dtype=F64),
-        X,
-        t,
-        lam_u,
-        lr=float(1 / L),
-        max_iter=4000,
-        tol=1e-13,
-        grad="unroll",
-    )
-    (g_unroll,) = torch.autograd.grad(outer(sol_u.y), lam_u)
+    g_unroll = _ridge_unrolled_grad(X, t, lam, outer)
     d = torch.randn(4, generator=torch.Generator().manual_seed(26), dtype=F64)
     fd = central_fd(lambda l: outer(ridge_closed_form(X, t, l)[0]), lam, d)
 
