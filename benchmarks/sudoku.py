@@ -48,9 +48,12 @@ def clarabel(Q, p, G, h, A, b):
 STAGES = [
     ("solve_qp (forward, total)", "qp/solve.py", "solve_qp"),
     ("  pdipm loop", "qp/pdipm.py", "pdipm"),
-    ("    dual_base: chol(Q + ρI), H⁻¹Cᵀ, C H⁻¹Cᵀ (once)", "qp/kkt_system.py", "dual_base"),
     ("    _initial_point", "qp/pdipm.py", "_initial_point"),
-    ("    KKT factor (dual: chol of M + diag(D), 104×104)", "qp/kkt_system.py", "_factor_dual"),
+    (
+        "    KKT factor (separable: chol of the 40×40 Schur complement on A)",
+        "qp/kkt_system.py",
+        "_factor_separable",
+    ),
     ("    Mehrotra step (2 Newton solves)", "qp/pdipm.py", "_mehrotra_step"),
     ("    Residuals", "qp/pdipm.py", "__init__"),
     ("    _polish (active-set solve, ≤ 3 factorizations)", "qp/pdipm.py", "_polish"),
