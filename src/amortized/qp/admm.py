@@ -71,14 +71,15 @@ def admm(
     eps_inf = max(1e-6, finfo.eps**0.5)
     eye = torch.eye(n, dtype=dtype, device=d.p.device)
 
-    def factor(rho_b: Tensor) -> tuple[Tensor, Tensor]:
-        K = d.Q + sigma * eye + (C.mT * (rho_b * rho_row).unsqueeze(-2)) @ C
-        return cholesky(K)
+    def factor(rho_b: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """ρ per row (B, m + q) and the Cholesky factor of K with its ok flags."""
+        r = rho_b * rho_row
+        return r, *cholesky(d.Q + sigma * eye + (C.mT * r.unsqueeze(-2)) @ C)
 
     x, y = _start(d, sc, warm_start)
     z = torch.clamp(mv(C, x), lo, up)
     y_check = y
-    L, ok = factor(rho_b)
+    r, L, ok = factor(rho_b)
     status = torch.where(active & ok, MAX_ITER, NUMERICAL)
     running = active & ok
     iters = torch.zeros(B, dtype=torch.long, device=d.p.device)
@@ -93,7 +94,6 @@ def admm(
         return Iterate(x, (d.h - z[..., :m]).clamp(min=0), y[..., :m].clamp(min=0), y[..., m:])
 
     for k in range(1, max_iter + 1):
-        r = rho_b * rho_row
         x_t = cholesky_solve(L, sigma * x - d.p + rmv(C, r * z - y))
         z_hat = alpha * mv(C, x_t) + (1 - alpha) * z
         x_new = alpha * x_t + (1 - alpha) * x
@@ -136,11 +136,11 @@ def admm(
         y_check = y
         if not bool(running.any()):
             break
-        rho_new = rho_b * _rho_ratio(d, C, x, z, y).unsqueeze(-1)
+        rho_new = rho_b * _rho_ratio(res, z).unsqueeze(-1)
         adapt = running.unsqueeze(-1) & ((rho_new > 5 * rho_b) | (rho_new < rho_b / 5))
         if bool(adapt.any()):
             rho_b = torch.where(adapt, rho_new.clamp(1e-6, 1e6), rho_b)
-            L, ok = factor(rho_b)
+            r, L, ok = factor(rho_b)
             status = torch.where(running & ~ok, NUMERICAL, status)
             running = running & ok
 
@@ -170,11 +170,13 @@ def _start(d: QPData, sc, warm_start) -> tuple[Tensor, Tensor]:
     return x, y
 
 
-def _rho_ratio(d: QPData, C: Tensor, x: Tensor, z: Tensor, y: Tensor) -> Tensor:
+def _rho_ratio(res: Residuals, z: Tensor) -> Tensor:
     """OSQP's ρ update factor √((‖Cx − z‖/max(‖Cx‖, ‖z‖)) / (‖Qx + p + Cᵀy‖/max(‖Qx‖, ‖Cᵀy‖, ‖p‖)))
-    on the scaled problem, (B,)."""
-    tiny = torch.finfo(x.dtype).tiny ** 0.5
-    Cx, Qx, Cty = mv(C, x), d.Qx(x), rmv(C, y)
+    on the scaled problem, (B,), from the products `res` already holds at x, y."""
+    tiny = torch.finfo(z.dtype).tiny ** 0.5
+    Cx = torch.cat([res.Gz, res.Az], -1)
     primal = _amax(Cx - z) / torch.maximum(_amax(Cx), _amax(z)).clamp(min=tiny)
-    dual = _amax(Qx + d.p + Cty) / torch.stack([_amax(Qx), _amax(Cty), _amax(d.p)]).amax(0).clamp(min=tiny)
+    dual = _amax(res.r_d) / torch.stack([_amax(res.Qz), _amax(res.Ct_y), _amax(res.d.p)]).amax(0).clamp(
+        min=tiny
+    )
     return (primal / dual.clamp(min=tiny)).clamp(min=tiny).sqrt()

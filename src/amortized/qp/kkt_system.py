@@ -93,10 +93,6 @@ class KKT:
         self.d, self.D, self.base, self.active_set = d, D, base, active_set
         self._r1 = None
         self.absent = torch.isinf(D) if active_set else None
-        # the primal form keeps rows with D ≤ 1 (λ ≥ s: active or nearly) in its Schur
-        # complement and eliminates only W = 1/D ≤ 1, so H = Q + GᵀWG stays well
-        # conditioned however extreme λ/s gets
-        self.hard = D <= 1 if active_set else None
         if d.sep is not None:
             self._factor_separable(rho, delta)
         elif base is not None:
@@ -113,7 +109,8 @@ class KKT:
         d, D = self.d, self.D
         B, n, m, q = d.shape
         self.col, self.g = d.sep.col, d.sep.g
-        absent = torch.isinf(D)
+        # rows left out (D = ∞; only with active_set) decouple: zero weight, zero right side
+        absent = self.absent if self.active_set else torch.zeros_like(D, dtype=torch.bool)
         self.Dd = torch.where(absent, 1.0, D + delta)
 
         def per_var(v: Tensor, how: str, fill: float = 0.0) -> Tensor:
@@ -165,6 +162,10 @@ class KKT:
 
     def _factor_primal(self, rho: float, delta: float) -> None:
         d, D = self.d, self.D
+        # rows with D ≤ 1 (λ ≥ s: active or nearly) stay in the Schur complement and only
+        # W = 1/D ≤ 1 is eliminated, so H = Q + GᵀWG stays well conditioned however extreme
+        # λ/s gets
+        self.hard = D <= 1 if self.active_set else None
         if self.active_set:
             soft = ~self.absent & ~self.hard
             self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
@@ -196,7 +197,8 @@ class KKT:
         other rows and r_k the pair's right side, x = e∘(r̃1 − Aᵀy_e) + g r_k/Δ: the saddle
         solve with H = 1/e and first right side r̃1 + g r_k/D. Then the pair's multiplier
         is (g (r̃1 − Aᵀy_e) − h̃ r_k)/Δ, the others' W (g x_j − r_i)."""
-        r_i = torch.where(torch.isinf(self.D), 0.0, r_i)
+        if self.active_set:
+            r_i = torch.where(self.absent, 0.0, r_i)
         r1 = r1.scatter_add(-1, self.col, self.g * self.w * r_i)
         r_k = torch.zeros_like(r1).scatter_add(-1, self.col, torch.where(self.pair, r_i, 0.0))
         x, y_e = self.factor.solve(r1 + self.g_v * r_k / self.D_v, r_e)

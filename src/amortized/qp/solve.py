@@ -118,9 +118,8 @@ def solve_qp(
     if elastic is not None:
         if warm_start is not None:
             raise ValueError("warm_start is not supported in elastic mode")
-        kwargs = {"eps": eps, "eps_abs": eps_abs, "max_iter": max_iter, "check_convexity": check_convexity}
-        kwargs["solver"] = solver
-        return _solve_elastic(data, float(elastic), **kwargs)
+        kwargs = {"solver": solver, "eps": eps, "eps_abs": eps_abs, "max_iter": max_iter}
+        return _solve_elastic(data, float(elastic), check_convexity=check_convexity, **kwargs)
     B, n, m, q = data.shape
     if not bool(finite.all()):
         data = _replace_nonfinite(data, finite)
