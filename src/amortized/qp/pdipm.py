@@ -525,38 +525,52 @@ def _polish(
     """Active-set polish of the `ready` problems: solve the QP with the constraints
     {λ > s} as equalities and the others dropped, correcting the guess while it is
     inconsistent. A problem is done when the polished point meets eps; its point then
-    replaces the interior point one. Only the ready problems are factored. Returns the
-    iterate, the compliance D of the active set (0 active, ∞ dropped) and the done mask."""
+    replaces the interior point one. Only the ready problems are factored, and a corrected
+    guess only refactors the problems whose guess was wrong. Returns the iterate, the
+    compliance D of the active set (0 active, ∞ dropped) and the done mask."""
+    # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
+    n_refine = 10 if kkt_args["base"] is None and d.sep is None else 3
     idx = ready.nonzero().squeeze(-1)
-    sub = d.index(idx)
-    if kkt_args["base"] is None:
-        # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
-        args, n_refine = kkt_args, 3 if d.sep is not None else 10
-    else:
-        args, n_refine = dict(kkt_args, base=kkt_args["base"].index(idx)), 3
-    s, lam0 = it.s[idx], it.lam[idx]
-    hard = lam0 > s
+    hard = it.lam[idx] > it.s[idx]
+    z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
+    factored = torch.zeros_like(idx, dtype=torch.bool)
     eps_m = 10 * torch.finfo(d.p.dtype).eps
+    d_r, args_r = _subset(d, kkt_args, idx)
+    todo = torch.arange(len(idx), device=idx.device)  # positions in idx still to (re)solve
     for _ in range(3):
-        D_sub = torch.zeros_like(s).masked_fill(~hard, torch.inf)  # 0: equality, ∞: dropped
-        pk = KKT(sub, D_sub, active_set=True, **args)
+        sub, args = _subset(d_r, args_r, todo)
+        D_sub = torch.zeros_like(hard[todo], dtype=z.dtype).masked_fill(~hard[todo], torch.inf)
+        pk = KKT(sub, D_sub, active_set=True, **args)  # D: 0 equality, ∞ dropped
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z, lam, nu = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine)
-        Gz = sub.Gx(z)
+        z_t, lam_t, nu_t = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine)
+        Gz = sub.Gx(z_t)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
-        lam_tol = eps_m * (1 + _amax(lam)).unsqueeze(-1)
+        lam_tol = eps_m * (1 + _amax(lam_t)).unsqueeze(-1)
         row_tol = eps_m * (1 + sub.h.abs() + Gz.abs())
-        drop = hard & (lam < -lam_tol)
-        add = ~hard & (Gz - sub.h > row_tol)
+        drop = hard[todo] & (lam_t < -lam_tol)
+        add = ~hard[todo] & (Gz - sub.h > row_tol)
         wrong = (drop | add).any(-1)
+        z[todo], lam[todo], nu[todo] = z_t, lam_t, nu_t
+        factored[todo] = pk.ok & ~wrong
         if not bool(wrong.any()):
             break
-        hard = torch.where(wrong.unsqueeze(-1), (hard | add) & ~drop, hard)
+        hard[todo] = torch.where(wrong.unsqueeze(-1), (hard[todo] | add) & ~drop, hard[todo])
+        todo = todo[wrong]
     lam = torch.where(hard, lam, 0.0)
-    cand = Iterate(z, (sub.h - Gz).clamp(min=0), lam.clamp(min=0), nu)
-    ok = pk.ok & ~wrong & Residuals(sub, cand, sc.index(idx)).meets(eps, eps_abs)
+    cand = Iterate(z, (d_r.h - d_r.Gx(z)).clamp(min=0), lam.clamp(min=0), nu)
+    ok = factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs)
     done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
     full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
-    D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_sub)
+    D_act = torch.zeros_like(it.s[idx]).masked_fill(~hard, torch.inf)
+    D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_act)
     return full.where(done, it), D, done
+
+
+def _subset(d: QPData, kkt_args: dict, idx: Tensor) -> tuple[QPData, dict]:
+    """The data and KKT arguments of the problems idx (increasing); no copy when that is
+    the whole batch, which keeps the polish of a large batch from doubling the memory."""
+    if len(idx) == d.shape[0]:
+        return d, kkt_args
+    base = kkt_args["base"]
+    return d.index(idx), dict(kkt_args, base=None if base is None else base.index(idx))

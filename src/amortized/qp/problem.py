@@ -146,9 +146,10 @@ def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
     def full(x: Tensor, core: int) -> Tensor:
         return x.expand((B,) + x.shape[-core:])
 
-    Qb = full(Q, 2)
-    Qb = 0.5 * (Qb + Qb.mT)  # only the symmetric part of Q enters zᵀQz
-    out = {"Q": Qb, "p": full(p, 1)}
+    # only the symmetric part of Q enters zᵀQz; symmetrized before broadcasting, and not
+    # copied at all when already symmetric (a shared or large Q stays one tensor)
+    Q = Q if torch.equal(Q, Q.mT) else 0.5 * (Q + Q.mT)
+    out = {"Q": full(Q, 2), "p": full(p, 1)}
     for M, r in (("G", "h"), ("A", "b")):
         if M in tensors:
             out[M], out[r] = full(tensors[M], 2), full(tensors[r], 1)
