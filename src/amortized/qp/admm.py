@@ -106,7 +106,7 @@ def admm(
             continue
         it = iterate_of(x, z, y)
         res = Residuals(d, it, sc)
-        rel = res.relative()
+        rel = res.relative
         # retried after tenfold progress, or 100 iterations on (ADMM's residual can plateau
         # while its active set still changes)
         retry = (rel <= 0.1 * tried) | (k >= tried_at + 100)
