@@ -533,8 +533,9 @@ def _polish(
     {λ > s} as equalities and the others dropped, correcting the guess while it is
     inconsistent. A problem is done when the polished point meets eps; its point then
     replaces the interior point one. Only the ready problems are factored, and a corrected
-    guess only refactors the problems whose guess was wrong. Returns the iterate, the
-    compliance D of the active set (0 active, ∞ dropped) and the done mask."""
+    guess refactors only the problems whose guess was wrong (all, when they are many).
+    Returns the iterate, the compliance D of the active set (0 active, ∞ dropped) and the
+    done mask."""
     # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
     n_refine = 10 if kkt_args["base"] is None and d.sep is None else 3
     idx = ready.nonzero().squeeze(-1)
@@ -560,10 +561,15 @@ def _polish(
         wrong = (drop | add).any(-1)
         z[todo], lam[todo], nu[todo] = z_t, lam_t, nu_t
         factored[todo] = pk.ok & ~wrong
+        del pk  # its factors go before the next guess is factored
         if not bool(wrong.any()):
             break
         hard[todo] = torch.where(wrong.unsqueeze(-1), (hard[todo] | add) & ~drop, hard[todo])
         todo = todo[wrong]
+        if 4 * len(todo) > len(idx):
+            # a large share wrong: solving them all again (the others' answers do not change)
+            # costs less memory than copying their data and factors
+            todo = torch.arange(len(idx), device=idx.device)
     lam = torch.where(hard, lam, 0.0)
     cand = Iterate(z, (d_r.h - d_r.Gx(z)).clamp(min=0), lam.clamp(min=0), nu)
     ok = factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs)
