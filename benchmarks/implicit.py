@@ -33,7 +33,7 @@ Gradient error: max relative error against the closed-form hypergradient
 
 import argparse
 import json
-import resource
+import os
 import statistics
 import subprocess
 import sys
@@ -41,8 +41,10 @@ import time
 
 import torch
 
-import amortized as am
-from amortized.solvers import lbfgs
+sys.path.insert(0, os.path.dirname(__file__))
+import amortized as am  # noqa: E402
+from amortized.solvers import lbfgs  # noqa: E402
+from timing import MALLOC_ENV, peak_rss_growth  # noqa: E402
 
 DT = torch.float64
 
@@ -258,10 +260,9 @@ def memory_probe(kind, n, B, method, threads, rtols):
     torch.set_num_threads(threads)
     X, t, Xv, tv, lam = make(kind, B, n)
     fn = method_fns(kind, X, t, Xv, tv, rtols)[method]
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    run_once(fn, kind, lam, Xv, tv)
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    return (peak - base) / 1024
+    run_once(fn, kind, lam, Xv, tv)  # warm-up: lazy imports and allocator pools
+    # ru_maxrss never resets: the set-up's own peak hid the solve's (the column read 0)
+    return peak_rss_growth(lambda: run_once(fn, kind, lam, Xv, tv))
 
 
 def main():
@@ -336,6 +337,7 @@ def main():
                     capture_output=True,
                     text=True,
                     check=True,
+                    env=dict(os.environ, **MALLOC_ENV),
                 ).stdout
                 lam_g = lam.clone().requires_grad_()
                 rows.append(
@@ -363,8 +365,6 @@ def main():
         meta["torchopt"] = None
     with open(args.out + ".tmp", "w") as fh:
         json.dump({"meta": meta, "rows": rows}, fh, indent=2)
-    import os
-
     os.replace(args.out + ".tmp", args.out)
     print(table(rows, meta))
 

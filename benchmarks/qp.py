@@ -27,7 +27,7 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 import amortized as am  # noqa: E402
 from amortized.problems.random_qp import random_qp  # noqa: E402
-from timing import alternate, versions  # noqa: E402
+from timing import MALLOC_ENV, alternate, versions  # noqa: E402
 
 SIZES = [
     (10, 10, 0, 128),
@@ -207,11 +207,8 @@ import sys, torch
 sys.path.insert(0, {os.path.dirname(os.path.abspath(__file__))!r})
 torch.set_num_threads(1)
 from qp import make_tool
+from timing import peak_rss_growth
 from amortized.problems.random_qp import random_qp
-def status(key):
-    for line in open("/proc/self/status"):
-        if line.startswith(key):
-            return int(line.split()[1]) / 1024
 dtype = getattr(torch, {dtype_name!r})
 g = torch.Generator().manual_seed(0)
 data = [x.to(dtype).requires_grad_() for x in random_qp({B}, {n}, {m}, {q}, generator=g)]
@@ -219,15 +216,11 @@ fn = make_tool({tool!r}, {n}, {m}, {q}, dtype)
 fn(*data).sum().backward()  # warm-up: lazy imports and allocator pools
 for x in data:
     x.grad = None
-with open("/proc/self/clear_refs", "w") as f:
-    f.write("5")
-base = status("VmRSS")
-fn(*data).sum().backward()
-print(status("VmHWM") - base)
+print(peak_rss_growth(lambda: fn(*data).sum().backward()))
 """
-    # large blocks straight from mmap and back to the OS on free, so RSS follows live memory
-    env = dict(os.environ, MALLOC_MMAP_THRESHOLD_="65536", MALLOC_TRIM_THRESHOLD_="0")
-    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env)
+    out = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ, **MALLOC_ENV)
+    )
     return float(out.stdout.strip()) if out.returncode == 0 else None
 
 

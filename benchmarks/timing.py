@@ -30,6 +30,29 @@ def alternate(
     return {k: statistics.median(v) for k, v in times.items()}
 
 
+# large blocks straight from mmap and back to the OS on free, so that RSS follows live memory;
+# set in the environment of a fresh process that measures with `peak_rss_growth`
+MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": "65536", "MALLOC_TRIM_THRESHOLD_": "0"}
+
+
+def _status_mib(key: str) -> float:
+    for line in open("/proc/self/status"):
+        if line.startswith(key):
+            return int(line.split()[1]) / 1024
+    raise KeyError(key)
+
+
+def peak_rss_growth(fn: Callable[[], object]) -> float:
+    """Peak RSS growth (MiB) while fn runs: the kernel's high-water mark (VmHWM) is reset
+    first (writing 5 to clear_refs), so earlier peaks (imports, data set-up) do not hide it.
+    Linux only; run fn once before to leave lazy imports and allocator pools out."""
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    base = _status_mib("VmRSS")
+    fn()
+    return _status_mib("VmHWM") - base
+
+
 def versions() -> dict[str, str]:
     """Versions of torch and every peer that imports."""
     import importlib.metadata as md
