@@ -91,7 +91,9 @@ class ActiveSetQP:
         M = CQi @ torch.cat([A, G], 0).T
         M_AA, M_AG, M_GA, M_GG = M[:q, :q], M[:q, q:], M[q:, :q], M[q:, q:]
         L_AA, ok = cholesky(M_AA)
-        if not bool(ok):
+        # dependent rows of A leave a pivot of the order √eps (relative), not an exact zero
+        d = L_AA.diagonal()
+        if not bool(ok) or (q and float(d.min() / d.max()) ** 2 < 10 * q * torch.finfo(Q.dtype).eps):
             raise ValueError("ActiveSetQP needs A of full row rank")
         self.M_AA_inv = torch.cholesky_inverse(L_AA)
         self.Z = self.M_AA_inv @ M_AG  # (q, m)
