@@ -75,11 +75,22 @@ class ActiveSetQP:
     with r = −[A; G] Q⁻¹ p, Z = M_AA⁻¹ M_AG and W = M_GA M_AA⁻¹. Rows and columns of K off S
     are replaced by unit ones, so every problem of the batch keeps the size m. A step is
     differentiable w.r.t. b and h for a fixed active set, so the iteration can be unrolled.
-    Needs the active rows [A; G_S] linearly independent (LICQ); where they are not the
-    step's Cholesky fails and the problem is flagged NUMERICAL, never SOLVED.
+    Needs the active rows [A; G_S] linearly independent (LICQ); where they are not, the
+    step's Cholesky fails (status NUMERICAL) or its multipliers are inaccurate, and the
+    final KKT check decides as everywhere else.
     """
 
-    def __init__(self, Q: Tensor, p: Tensor, G: Tensor, h: Tensor, A: Tensor, *, c: float = 1.0, tol=None):
+    def __init__(
+        self,
+        Q: Tensor,
+        p: Tensor,
+        G: Tensor,
+        h: Tensor,
+        A: Tensor,
+        *,
+        c: float = 1.0,
+        tol: float | None = None,
+    ):
         L_Q, ok = cholesky(Q)
         if not bool(ok):
             raise ValueError("ActiveSetQP needs Q positive definite")
@@ -87,8 +98,9 @@ class ActiveSetQP:
         self.tol = tol if tol is not None else torch.finfo(Q.dtype).eps ** 0.5
         q = A.shape[0]
         Q_inv = torch.cholesky_inverse(L_Q)
-        CQi = torch.cat([A, G], 0) @ Q_inv  # (q + m, n)
-        M = CQi @ torch.cat([A, G], 0).T
+        C = torch.cat([A, G], 0)
+        CQi = C @ Q_inv  # (q + m, n)
+        M = CQi @ C.T
         M_AA, M_AG, M_GA, M_GG = M[:q, :q], M[:q, q:], M[q:, :q], M[q:, q:]
         L_AA, ok = cholesky(M_AA)
         # dependent rows of A leave a pivot of the order √eps (relative), not an exact zero
