@@ -56,12 +56,12 @@ def test_active_set_gradient_matches_solve_qp_implicit(small_qp):
     S = (y @ P.G.T - P.h) > -1e-9
     xg = x.clone().requires_grad_()
     w = torch.randn_like(y)
-    (g_as,) = torch.autograd.grad((R.solve_active(S, xg)[0] * w).sum(), xg)
+    (g_as,) = torch.autograd.grad((R.qp.solve_active(S, xg).y * w).sum(), xg)
     xg2 = x.clone().requires_grad_()
     (g_qp,) = torch.autograd.grad((am.solve_qp(P.Q, P.p, P.G, P.h, P.A, xg2).z * w).sum(), xg2)
     torch.testing.assert_close(g_as, g_qp, atol=1e-5, rtol=1e-5)
     x1 = x[:2].clone().requires_grad_()
-    assert torch.autograd.gradcheck(lambda b: R.solve_active(S[:2], b)[0], (x1,))
+    assert torch.autograd.gradcheck(lambda b: R.qp.solve_active(S[:2], b).y, (x1,))
 
 
 def test_fallback_and_dc3_correction(small_qp):

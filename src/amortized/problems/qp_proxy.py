@@ -10,10 +10,9 @@ DC3's instances, whose test split (the last 833 of 10,000) has mean optimum −1
 
 Besides the problem this module holds the pieces of the proxies compared in
 `amortized amortize qp-proxy`: DC3's gradient correction of the inequalities (a refiner on
-the partial variables behind `EqualityCompletion`), and `ActiveSetRefiner`, a primal-dual
-active-set method (Hintermüller, Ito, Kunisch 2002) started from the active set the
-model's prediction implies; each of its steps is one batched Cholesky solve of an
-equality-constrained QP, and its fixed point satisfies the KKT conditions exactly.
+the partial variables behind `EqualityCompletion`), and `ActiveSetRefiner`, which runs the
+primal-dual active-set method of `amortized.qp.ActiveSetQP` from the active set the model's
+prediction implies; its fixed point satisfies the KKT conditions exactly.
 """
 
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ import torch
 from torch import Tensor
 
 import amortized as am
+from amortized.qp import ActiveSetQP
 
 
 @dataclass
@@ -41,10 +41,8 @@ class QPProxyProblem:
 
     def __post_init__(self):
         self.context_dim, self.solution_dim = self.A.shape
-        L, info = torch.linalg.cholesky_ex(self.Q)
-        if int(info):
+        if int(torch.linalg.cholesky_ex(self.Q).info):
             raise ValueError("QPProxyProblem needs Q positive definite")
-        self.Q_inv = torch.cholesky_inverse(L)
 
     # ---- the Problem protocol
     def objective(self, y: Tensor, x: Tensor) -> Tensor:
@@ -144,26 +142,13 @@ class DC3Correction:
 
 
 class ActiveSetRefiner:
-    """Primal-dual active-set steps from the prediction: exact KKT points in a few solves.
+    """Refiner: primal-dual active-set steps (`amortized.qp.ActiveSetQP`) from the prediction.
 
-    Start: S = {i : G_i y − h_i > −tol_active} from the predicted y. Each step solves
-
-        min ½ yᵀQy + pᵀy  s.t.  A y = x,  G_S y = h_S
-
-    through its KKT system, sets λ_S from the multipliers and λ_i = 0 off S, then
-    S ← {i : λ_i + c (G_i y − h_i) > 0} (Hintermüller, Ito, Kunisch 2002). A problem stops
-    when S repeats; that fixed point satisfies stationarity, A y = x and complementarity
-    exactly, and primal (G y ≤ h) and dual (λ ≥ 0) feasibility are then checked.
-
-    The family's Q, A, G are shared by every instance, so the Schur complement
-    M = [A; G] Q⁻¹ [A; G]ᵀ and the elimination of the always-active equality block are
-    computed once; a step is then one batched (B, m, m) Cholesky of the masked reduced
-    matrix K = M_GG − M_GA M_AA⁻¹ M_AG (rows/columns off S replaced by unit ones, so every
-    problem keeps the same size) and a few (B, ·) @ (·, ·) products.
-
+    The start is the active set the predicted y implies, {i : G_i y − h_i > −tol_active}; the
+    family's shared Q, p, G, h, A are factored once, the context x is the right side b.
     `last_status` holds a (B,) bool mask of the problems whose final point passed the KKT
-    check (violation ≤ tol, λ ≥ −tol), `last_steps` (B,) the steps each used. The steps are
-    differentiable w.r.t. x for a fixed active set, so they can be unrolled in training.
+    check, `last_steps` (B,) the steps each used. The steps are differentiable w.r.t. x for
+    a fixed active set, so they can be unrolled in training (create_graph=True).
     """
 
     def __init__(
@@ -174,67 +159,20 @@ class ActiveSetRefiner:
         tol_active: float = 0.0,
         tol: float | None = None,
     ):
-        self.problem, self.c, self.tol_active = problem, c, tol_active
-        self.tol = tol if tol is not None else torch.finfo(problem.Q.dtype).eps ** 0.5
         P = problem
-        q = P.A.shape[0]
-        C = torch.cat([P.A, P.G], 0)
-        CQi = C @ P.Q_inv
-        M = CQi @ C.T
-        M_AA, M_AG, M_GA, M_GG = M[:q, :q], M[:q, q:], M[q:, :q], M[q:, q:]
-        L_AA = torch.linalg.cholesky(M_AA)
-        self.M_AA_inv = torch.cholesky_inverse(L_AA)
-        self.Z = self.M_AA_inv @ M_AG  # (q, m)
-        self.W = M_GA @ self.M_AA_inv  # (m, q)
-        self.K = M_GG - M_GA @ self.Z  # (m, m) reduced Schur complement
-        r = -CQi @ P.p
-        self.r_A, self.r_G = r[:q], r[q:]
-        self.AQi, self.GQi = CQi[:q], CQi[q:]
-        self.y_free = -P.Q_inv @ P.p
+        self.problem, self.tol_active = problem, tol_active
+        self.qp = ActiveSetQP(P.Q, P.p, P.G, P.h, P.A, c=c, tol=tol)
         self.last_status: Tensor | None = None
         self.last_steps: Tensor | None = None
-
-    def solve_active(self, S: Tensor, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Equality-constrained solve for active masks S (B, m): y (B, n), λ (B, m), ok (B,)."""
-        s = S.to(x.dtype)
-        rA = self.r_A - x  # (B, q)
-        rG = s * (self.r_G - self.problem.h - rA @ self.W.T)
-        Kb = self.K * (s.unsqueeze(-1) * s.unsqueeze(-2)) + torch.diag_embed(1 - s)
-        L, info = torch.linalg.cholesky_ex(Kb)
-        lam = s * torch.cholesky_solve(rG.unsqueeze(-1), L).squeeze(-1)
-        mu_A = rA @ self.M_AA_inv - lam @ self.Z.T
-        y = self.y_free - mu_A @ self.AQi - lam @ self.GQi
-        return y, lam, info == 0
 
     def __call__(
         self, objective, y0: Tensor, x: Tensor, steps: int, *, create_graph: bool = True
     ) -> list[Tensor]:
-        P = self.problem
         with torch.set_grad_enabled(create_graph and torch.is_grad_enabled()):
-            y = y0 if create_graph else y0.detach()
-            ys = [y]
-            S = (y.detach() @ P.G.T - P.h) > -self.tol_active
-            done = torch.zeros(x.shape[0], dtype=torch.bool, device=x.device)
-            used = torch.zeros(x.shape[0], dtype=torch.long, device=x.device)
-            lam = torch.zeros_like(S, dtype=x.dtype)
-            ok = done.clone()
-            for _ in range(steps):
-                y_new, lam_new, ok_new = self.solve_active(S, x)
-                keep = done.unsqueeze(-1)
-                y = torch.where(keep, y, y_new)
-                lam = torch.where(keep, lam, lam_new)
-                ok = torch.where(done, ok, ok_new)
-                used = used + (~done).long()
-                S_new = (lam.detach() + self.c * (y.detach() @ P.G.T - P.h)) > 0
-                done = done | (S_new == S).all(-1)
-                S = torch.where(done.unsqueeze(-1), S, S_new)
-                ys.append(y if create_graph else y.detach())
-                if bool(done.all()):  # one host sync per step: steps are few and costly
-                    break
-            viol = (y.detach() @ P.G.T - P.h).clamp_min(0).amax(-1)
-            self.last_status = ok & (viol <= self.tol) & (lam.detach() >= -self.tol).all(-1)
-            self.last_steps = used
-        return ys
+            y0 = y0 if create_graph else y0.detach()
+            res = self.qp.solve(x, y0, max_steps=steps, tol_active=self.tol_active)
+        self.last_status, self.last_steps = res.solved, res.steps
+        return res.iterates
 
 
 def solve_with_fallback(
