@@ -126,3 +126,10 @@ def test_vae_checkpoint_round_trip(tmp_path):
         assert torch.equal(dec(enc(x_test)[:, :10]), dec2(enc2(x_test)[:, :10]))
     with pytest.raises(ValueError, match="seed"):
         train_vae(steps=0, seed=1, load=path)
+    # a file from before the encoder output log σ² (no "q" in its meta) is refused, not misread
+    side = path.with_name(path.name + ".json")
+    meta = json.loads(side.read_text())
+    del meta["meta"]["q"]
+    side.write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match="train it again"):
+        train_vae(steps=0, load=path)

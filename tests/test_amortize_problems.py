@@ -150,13 +150,13 @@ def test_vae_elbo_against_torch_distributions():
     enc, dec = make_vae()
     P = VAEInference(dec)
     y = enc(x_test[:5]).detach()
-    mu, log_sigma = y.chunk(2, -1)
+    mu, logvar = y.chunk(2, -1)
     D = torch.distributions
-    q = D.Independent(D.Normal(mu, log_sigma.exp()), 1)
+    q = D.Independent(D.Normal(mu, (0.5 * logvar).exp()), 1)
     prior = D.Independent(D.Normal(torch.zeros_like(mu), torch.ones_like(mu)), 1)
     torch.testing.assert_close(gaussian_kl(y), D.kl_divergence(q, prior))
     eps = torch.randn(3, 5, 10)
-    z = mu + log_sigma.exp() * eps
+    z = mu + (0.5 * logvar).exp() * eps
     logits = dec(z)
     xt = x_test[:5]
     loglik = (

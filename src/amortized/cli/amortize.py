@@ -385,6 +385,9 @@ def qp_proxy_cmd(
 
 
 # ============================================================================ VAE
+VAE_Q = "mu, log sigma^2"  # what the encoder outputs; recorded with the weights
+
+
 def train_vae(
     *,
     steps: int,
@@ -416,6 +419,8 @@ def train_vae(
             raise ValueError(
                 f"{load} was trained with seed {meta.get('seed')} (its split differs), not {seed}"
             )
+        if meta.get("q") != VAE_Q:  # earlier files: an encoder whose outputs were (μ, log σ)
+            raise ValueError(f"{load} is not a ({VAE_Q}) encoder; train it again")
     else:
         am = Amortizer(P, enc, loss="objective")
         hist, t_train = _fit(
@@ -430,7 +435,8 @@ def train_vae(
             name="train VAE (objective loss)",
         )
         if save is not None:
-            both.save(save, meta={"seed": seed, "steps": steps, "batch_size": batch_size, "n_test": n_test})
+            meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "n_test": n_test, "q": VAE_Q}
+            both.save(save, meta=meta)
     for prm in dec.parameters():
         prm.requires_grad_(False)
     enc.eval()
