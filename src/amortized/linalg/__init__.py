@@ -1,7 +1,7 @@
 """Batched linear algebra: Cholesky with failure flags, block elimination of KKT systems, and
 matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit backward passes."""
 
-from amortized.linalg.cholesky import cholesky, cholesky_solve
+from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major
 from amortized.linalg.kkt import SaddleFactor, factor_saddle
 
-__all__ = ["cholesky", "cholesky_solve", "SaddleFactor", "factor_saddle"]
+__all__ = ["cholesky", "cholesky_solve", "col_major", "SaddleFactor", "factor_saddle"]

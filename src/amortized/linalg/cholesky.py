@@ -9,20 +9,35 @@ import torch
 from torch import Tensor
 
 
-def cholesky(M: Tensor) -> tuple[Tensor, Tensor]:
-    """Factor M = L Lᵀ for a batch of symmetric matrices.
+def cholesky(M: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
+    """Factor M = L Lᵀ for a batch of symmetric matrices (only the lower triangle is read).
 
     M: (..., n, n). Returns L (..., n, n) and ok (...,) bool. Where ok is False the
     factorization failed (M not numerically positive definite or not finite); that L is the
     identity so that solves with it stay finite and the caller decides what to do.
+    overwrite=True factors in place, into M's memory, which must be column-major per
+    matrix (see `col_major`): no second n × n matrix is allocated, and L is bitwise the
+    same. M is then destroyed, also where the factorization fails.
     """
-    L, info = torch.linalg.cholesky_ex(M)
+    if overwrite:
+        if not M.mT.is_contiguous():
+            raise ValueError("cholesky(overwrite=True) needs a column-major M (col_major)")
+        info = torch.empty(M.shape[:-2], dtype=torch.int32, device=M.device)
+        L, info = torch.linalg.cholesky_ex(M, out=(M, info))  # LAPACK's potrf is in place
+    else:
+        L, info = torch.linalg.cholesky_ex(M)
     # a NaN or Inf anywhere reaches the diagonal, so checking it is enough (and cheap)
     ok = (info == 0) & torch.isfinite(L.diagonal(dim1=-2, dim2=-1)).all(-1)
     if not bool(ok.all()):
         eye = torch.eye(M.shape[-1], dtype=M.dtype, device=M.device)
         L = torch.where(ok[..., None, None], L, eye)
     return L, ok
+
+
+def col_major(M: Tensor) -> Tensor:
+    """A copy of M (..., n, n) laid out column-major per matrix, the layout in which
+    `cholesky(·, overwrite=True)` factors without a second matrix."""
+    return M.clone() if M.mT.is_contiguous() else M.mT.contiguous().mT
 
 
 def cholesky_solve(L: Tensor, r: Tensor) -> Tensor:

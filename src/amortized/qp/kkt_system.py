@@ -28,7 +28,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortized.linalg import SaddleFactor, cholesky, cholesky_solve, factor_saddle
+from amortized.linalg import SaddleFactor, cholesky, cholesky_solve, col_major, factor_saddle
 from amortized.qp.problem import QPData
 
 
@@ -63,15 +63,16 @@ class DualBase:
 def dual_base(d: QPData, rho: float) -> DualBase | None:
     """Factor Q + ρI once, or return None when Q is not comfortably positive definite
     (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one."""
-    n = d.Q.shape[-1]
-    eye = torch.eye(n, dtype=d.Q.dtype, device=d.Q.device)
-    L, ok = cholesky(d.Q + rho * eye)
+    scale = 1 + torch.maximum(d.Q.amax(dim=(-2, -1)), -d.Q.amin(dim=(-2, -1)))  # max |Q|, no |Q| copy
+    H = col_major(d.Q)  # factored in place
+    H.diagonal(dim1=-2, dim2=-1).add_(rho)
+    L, ok = cholesky(H, overwrite=True)
     pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
-    scale = 1 + d.Q.abs().amax(dim=(-2, -1))
     if not bool((ok & (pivot >= torch.finfo(d.Q.dtype).eps ** 0.5 * scale)).all()):
         return None
     HinvCt = cholesky_solve(L, d.C.mT)
-    return DualBase(L, HinvCt, d.C @ HinvCt, ok)
+    # column-major, so that each iteration's copy of M is factored in place (`_factor_dual`)
+    return DualBase(L, HinvCt, col_major(d.C @ HinvCt), ok)
 
 
 class KKT:
@@ -133,27 +134,28 @@ class KKT:
 
     def _factor_dual(self, base: DualBase, delta: float) -> None:
         d, D = self.d, self.D
+        M_diag = base.M.diagonal(dim1=-2, dim2=-1)
         if self.active_set:
             # rows left out decouple: zero row and column of M, unit diagonal, zero right side
             self.keep = torch.cat([~self.absent, torch.ones_like(d.b, dtype=torch.bool)], -1)
-            S = base.M * (self.keep.unsqueeze(-1) & self.keep.unsqueeze(-2))
+            M_diag = M_diag * self.keep
             D = torch.where(self.absent, 1.0, D)
-        else:
-            S = base.M.clone()
         # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
         # M + diag(D) indefinite when rows of C are (nearly) dependent
-        Sd = S.diagonal(dim1=-2, dim2=-1)
         scale = (
-            torch.finfo(D.dtype).eps * Sd.abs().amax(-1, keepdim=True)
-            if S.shape[-1]
-            else S.new_zeros(S.shape[0], 1)
+            torch.finfo(D.dtype).eps * M_diag.abs().amax(-1, keepdim=True)
+            if M_diag.shape[-1]
+            else M_diag.new_zeros(M_diag.shape[0], 1)
         )
-        M_diag = Sd.clone()
         boost = torch.ones_like(scale)
         for _ in range(3):
             floor = delta + boost * scale
-            Sd.copy_(M_diag + torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1))
-            L_S, ok = cholesky(S)
+            # S = M + diag(·), one copy of M, factored in place (a failed try destroys it)
+            S = col_major(base.M)
+            if self.active_set:
+                S.mul_(self.keep.unsqueeze(-1)).mul_(self.keep.unsqueeze(-2))
+            S.diagonal(dim1=-2, dim2=-1).copy_(M_diag + torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1))
+            L_S, ok = cholesky(S, overwrite=True)
             if bool(ok.all()):
                 break
             boost = torch.where(ok.unsqueeze(-1), boost, boost * 30 * S.shape[-1])
