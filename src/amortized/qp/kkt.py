@@ -14,12 +14,47 @@ from amortized.qp.pdipm import PDIPMResult
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:
     """F above for z (B,n), λ (B,m), ν (B,q); every parameter batched or shared.
-    Q enters through its symmetric part, so dF/dQ is symmetric."""
-    Qs = 0.5 * (Q + Q.mT)
-    r_d = _mv(Qs, z) + p + _rmv(G, lam) + _rmv(A, nu)
-    r_c = lam * (_mv(G, z) - h)
-    r_e = _mv(A, z) - b
+    Q enters through its symmetric part ½(Qz + Qᵀz), so dF/dQ is symmetric. Each matrix
+    enters through one `_Products` call, so that its gradient is a single matrix product
+    and no (B, ·, n) matrix (a symmetrized Q, an outer product) is formed or kept."""
+    Qz, Qtz = _Products.apply(Q, z, z)
+    Gz, Gt_lam = _Products.apply(G, z, lam)
+    Az, At_nu = _Products.apply(A, z, nu)
+    r_d = 0.5 * (Qz + Qtz) + p + Gt_lam + At_nu
+    r_c = lam * (Gz - h)
+    r_e = Az - b
     return r_d, r_c, r_e
+
+
+class _Products(torch.autograd.Function):
+    """(Mx, Mᵀy) for M (B, k, n), (1, k, n) or (k, n), x (B, n), y (B, k). The gradient of
+    M is a xᵀ + y bᵀ = [a y][x b]ᵀ for the cotangents a, b of the two products: one batched
+    matrix product (summed over the batch for a shared M), where autograd would form two
+    outer products and add them."""
+
+    @staticmethod
+    def forward(M: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+        return _mv(M, x), _rmv(M, y)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, a: Tensor, b: Tensor):
+        M, x, y = ctx.saved_tensors
+        need_M, need_x, need_y = ctx.needs_input_grad
+        gM = _outer_sum(M, torch.stack([a, y], -1), torch.stack([x, b], -2)) if need_M else None
+        return gM, _rmv(M, a) if need_x else None, _mv(M, b) if need_y else None
+
+
+def _outer_sum(M: Tensor, U: Tensor, V: Tensor) -> Tensor:
+    """U V for U (B, k, 2), V (B, 2, n), summed over the batch where M (k, n) or (1, k, n) is
+    shared: then one (k, 2B) × (2B, n) product."""
+    B, k, n = U.shape[0], U.shape[1], V.shape[-1]
+    if M.dim() == 3 and M.shape[0] == B:
+        return U @ V
+    return (U.transpose(0, 1).reshape(k, 2 * B) @ V.reshape(2 * B, n)).reshape(M.shape)
 
 
 def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor):
@@ -48,9 +83,16 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
     lam_safe = torch.where(big, lam, 1.0)
     s_safe = torch.where(big, 1.0, s.clamp(min=torch.finfo(s.dtype).eps))
 
+    # the result until the first solve, then only its factor: the result's scaled data and
+    # dual base (three (B, n, n)-sized matrices when m ≈ n) are freed before the gradients
+    # of Q and G are formed
+    held = [result]
+
     def solve(v):
+        if isinstance(held[0], PDIPMResult):
+            held[0] = held[0].kkt.factors_only()
         v_z, v_lam, v_nu = v
-        u_z, w, u_nu = result.kkt.solve(c * sc.D * v_z, E_G * v_lam, E_A * v_nu, refine=0)
+        u_z, w, u_nu = held[0].solve(c * sc.D * v_z, E_G * v_lam, E_A * v_nu, refine=0)
         u_z, w, u_nu = sc.D * u_z, E_G * w / c, E_A * u_nu / c
         u_lam = torch.where(big, w / lam_safe, (_mv(G, u_z) - v_lam) / s_safe)
         return tuple(torch.where(keep, u, 0.0) for u in (u_z, u_lam, u_nu))

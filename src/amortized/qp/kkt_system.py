@@ -23,6 +23,7 @@ All regularize (ρ on x, δ on equality rows) so that singular Q and rank-defici
 factor, and `solve` refines against the exact system.
 """
 
+import copy
 from dataclasses import dataclass
 
 import torch
@@ -49,15 +50,29 @@ def regularization(dtype: torch.dtype) -> float:
 @dataclass(frozen=True)
 class DualBase:
     """What the dual elimination reuses across iterations: L_H = chol(Q + ρI) (B, n, n),
-    HinvCt = H⁻¹Cᵀ (B, n, m+q), M = C H⁻¹ Cᵀ (B, m+q, m+q)."""
+    HinvCt = H⁻¹Cᵀ (B, n, m+q), M = C H⁻¹ Cᵀ (B, m+q, m+q) column-major. A base for some
+    of the problems (`index`) shares the full batch's M, whose `rows` it reads: M is only
+    ever copied into each factorization's S (`copy_M`), so it needs no copy of its own."""
 
     L_H: Tensor
     HinvCt: Tensor
     M: Tensor
     ok: Tensor
+    rows: Tensor | None = None
 
     def index(self, idx: Tensor) -> "DualBase":
-        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M[idx], self.ok[idx])
+        rows = idx if self.rows is None else self.rows[idx]
+        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M, self.ok[idx], rows)
+
+    def copy_M(self) -> Tensor:
+        """A column-major copy of M (its `rows`), to be factored in place."""
+        # indexing the batch copies and keeps the layout
+        return col_major(self.M) if self.rows is None else self.M[self.rows]
+
+    def M_diag(self) -> Tensor:
+        """M's diagonal (B, m+q) (its `rows`), a view of M when there are no rows."""
+        diag = self.M.diagonal(dim1=-2, dim2=-1)
+        return diag if self.rows is None else diag[self.rows]
 
 
 def dual_base(d: QPData, rho: float) -> DualBase | None:
@@ -91,15 +106,27 @@ class KKT:
         base: DualBase | None = None,
         active_set: bool = False,
     ):
-        self.d, self.D, self.base, self.active_set = d, D, base, active_set
+        self.d, self.D, self.active_set = d, D, active_set
         self._r1 = None
         self.absent = torch.isinf(D) if active_set else None
-        if d.sep is not None:
+        # the form only, not the dual base: its M is not needed once S is factored
+        self.form = "separable" if d.sep is not None else "dual" if base is not None else "primal"
+        if self.form == "separable":
             self._factor_separable(rho, delta)
-        elif base is not None:
+        elif self.form == "dual":
             self._factor_dual(base, delta)
         else:
             self._factor_primal(rho, delta)
+
+    def factors_only(self) -> "KKT":
+        """This system for unrefined solves (`solve(..., refine=0)`) only, without the data
+        where those do not read them (the dual form): the factor the implicit backward
+        keeps, so that the scaled Q and C can be freed before it forms the gradients."""
+        if self.form != "dual":
+            return self
+        light = copy.copy(self)
+        light.d = None  # `apply`, hence refinement, reads the data
+        return light
 
     def _factor_separable(self, rho: float, delta: float) -> None:
         """Separable data: row i of G is g_i at column j_i, H = diag(Q) + ρ. Every row is
@@ -134,7 +161,7 @@ class KKT:
 
     def _factor_dual(self, base: DualBase, delta: float) -> None:
         d, D = self.d, self.D
-        M_diag = base.M.diagonal(dim1=-2, dim2=-1)
+        M_diag = base.M_diag()
         if self.active_set:
             # rows left out decouple: zero row and column of M, unit diagonal, zero right side
             self.keep = torch.cat([~self.absent, torch.ones_like(d.b, dtype=torch.bool)], -1)
@@ -151,10 +178,11 @@ class KKT:
         for _ in range(3):
             floor = delta + boost * scale
             # S = M + diag(·), one copy of M, factored in place (a failed try destroys it)
-            S = col_major(base.M)
+            S = base.copy_M()
             if self.active_set:
                 S.mul_(self.keep.unsqueeze(-1)).mul_(self.keep.unsqueeze(-2))
-            S.diagonal(dim1=-2, dim2=-1).copy_(M_diag + torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1))
+            diag = torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1)
+            S.diagonal(dim1=-2, dim2=-1).copy_(M_diag + diag)
             L_S, ok = cholesky(S, overwrite=True)
             if bool(ok.all()):
                 break
@@ -210,11 +238,11 @@ class KKT:
 
     def _solve_once(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         m = r_i.shape[-1]
-        if self.d.sep is not None:
+        if self.form == "separable":
             return self._solve_separable(r1, r_i, r_e)
         if self.active_set:
             r_i = torch.where(self.absent, 0.0, r_i)
-        if self.base is not None:
+        if self.form == "dual":
             if r1 is not self._r1:  # predictor and corrector share r1: reuse H⁻¹r1, C H⁻¹r1
                 self._r1, self._prepared = r1, self.factor.prepare(r1)
             keep = self.keep if self.active_set else None

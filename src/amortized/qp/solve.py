@@ -126,12 +126,16 @@ def solve_qp(
     if check_convexity:
         check_convex(data.Q if Q.dim() == 3 else data.Q[:1])
     eps = default_eps(data.p.dtype) if eps is None else float(eps)
+    vectors = data.p, data.h, data.b
     with torch.no_grad():
-        detached = QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))
         ws = _warm_start(warm_start, solver)
-        r = SOLVERS[solver][0](detached, finite, eps=eps, eps_abs=eps_abs, max_iter=max_iter, warm_start=ws)
+        # the solver gets the only reference to the data: a symmetrized copy of Q (made when
+        # Q is not exactly symmetric) is then freed once the solver has scaled its own copy
+        box = [QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))]
+        del data
+        r = SOLVERS[solver][0](box.pop(), finite, eps=eps, eps_abs=eps_abs, max_iter=max_iter, warm_start=ws)
     it, solved = r.it, r.status == int(QPStatus.SOLVED)
-    it = _normalize_certificates(it, r.status, data)
+    it = _normalize_certificates(it, r.status, *vectors)
     zero_bad = lambda x: torch.where(finite.unsqueeze(-1), x, torch.zeros_like(x))
     z, lam, nu, s = (zero_bad(x) for x in (it.z, it.lam, it.nu, it.s))
 
@@ -177,14 +181,14 @@ def _warm_start(warm_start, solver: str):
     return z if solver == "pdipm" else (z, lam, nu)
 
 
-def _normalize_certificates(it, status: Tensor, d: QPData):
+def _normalize_certificates(it, status: Tensor, p: Tensor, h: Tensor, b: Tensor):
     """Scale the certificates of INFEASIBLE and UNBOUNDED problems as QPSolution states."""
     infeasible = (status == int(QPStatus.INFEASIBLE)).unsqueeze(-1)
     unbounded = (status == int(QPStatus.UNBOUNDED)).unsqueeze(-1)
     if not bool(infeasible.any() | unbounded.any()):
         return it
-    farkas = ((d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)).unsqueeze(-1).abs()
-    pz = (d.p * it.z).sum(-1).unsqueeze(-1).abs()
+    farkas = ((h * it.lam).sum(-1) + (b * it.nu).sum(-1)).unsqueeze(-1).abs()
+    pz = (p * it.z).sum(-1).unsqueeze(-1).abs()
     fix = lambda x, bad, size: torch.where(bad, x / torch.where(bad, size, 1.0), x)
     lam, nu = fix(it.lam, infeasible, farkas), fix(it.nu, infeasible, farkas)
     return type(it)(fix(it.z, unbounded, pz), it.s, lam, nu)

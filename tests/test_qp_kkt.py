@@ -1,0 +1,63 @@
+"""The QP's KKT conditions and the linear algebra under them, against plain references."""
+
+import pytest
+import torch
+
+from amortized.linalg import cholesky, col_major
+from amortized.qp.kkt import kkt_conditions
+
+
+def _reference_kkt(z, lam, nu, Q, p, G, h, A, b):
+    """F written with a symmetrized Q and plain products: autograd differentiates it."""
+    Qs = 0.5 * (Q + Q.mT)
+    mv = lambda M, x: (M @ x.unsqueeze(-1)).squeeze(-1)
+    return (
+        mv(Qs, z) + p + mv(G.mT, lam) + mv(A.mT, nu),
+        lam * (mv(G, z) - h),
+        mv(A, z) - b,
+    )
+
+
+@pytest.mark.parametrize("batch", ["per-problem", "shared", "batch-of-one"])
+def test_kkt_conditions_value_and_gradients_match_the_plain_formula(batch):
+    g = torch.Generator().manual_seed(0)
+    B, n, m, q = 4, 6, 5, 2
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    lead = {"per-problem": (B,), "shared": (), "batch-of-one": (1,)}[batch]
+    params = [r(*lead, n, n), r(B, n), r(*lead, m, n), r(B, m), r(*lead, q, n), r(B, q)]
+    ys = [r(B, n), r(B, m), r(B, q)]
+    cot = [r(B, n), r(B, m), r(B, q)]
+
+    def grads(F):
+        inputs = [x.clone().requires_grad_() for x in ys + params]
+        out = F(*inputs)
+        return out, torch.autograd.grad(out, inputs, cot)
+
+    out, got = grads(kkt_conditions)
+    ref_out, want = grads(_reference_kkt)
+    for a, b in zip(out + got, ref_out + want):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    dQ = got[3]
+    torch.testing.assert_close(dQ, dQ.mT, rtol=0, atol=1e-14)  # F reads only Q's symmetric part
+
+
+def test_cholesky_overwrite_factors_in_place_and_bitwise_the_same():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
+    M = X @ X.mT + torch.eye(40, dtype=torch.float64)
+    M[0, 5, 7] += 1e-3  # not exactly symmetric: only the lower triangle may be read
+    L, ok = cholesky(M)
+    S = col_major(M)
+    assert torch.equal(S, M) and S.mT.is_contiguous()
+    L_in, ok_in = cholesky(S, overwrite=True)
+    assert L_in.data_ptr() == S.data_ptr()
+    assert torch.equal(L_in, L) and ok_in.all() and ok.all()
+    # a failure is still reported per matrix, with the identity in its place
+    bad = col_major(M)
+    bad[1] = -torch.eye(40, dtype=torch.float64)
+    L_bad, ok_bad = cholesky(bad, overwrite=True)
+    assert ok_bad.tolist() == [True, False, True]
+    assert torch.equal(L_bad[1], torch.eye(40, dtype=torch.float64)) and torch.equal(L_bad[2], L[2])
+    with pytest.raises(ValueError, match="column-major"):
+        cholesky(M.clone(), overwrite=True)
