@@ -13,7 +13,6 @@ algebra an interior point QP solver and its implicit backward need (OptNet, Amos
 
 from dataclasses import dataclass
 
-import torch
 from torch import Tensor
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve
@@ -66,6 +65,6 @@ def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor) -> SaddleFactor:
     if C.shape[-2] == 0:
         return SaddleFactor(L_H, HinvCt, C.new_zeros(C.shape[:-2] + (0, 0)), ok)
     S = C @ HinvCt
-    S = S + torch.diag_embed(torch.as_tensor(delta, dtype=S.dtype, device=S.device).expand(S.shape[:-1]))
+    S.diagonal(dim1=-2, dim2=-1).add_(delta)  # in place: no diagonal matrix, no second S
     L_S, ok_S = cholesky(S)
     return SaddleFactor(L_H, HinvCt, L_S, ok & ok_S)
