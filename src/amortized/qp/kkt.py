@@ -14,16 +14,39 @@ from amortized.qp.pdipm import PDIPMResult
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:
     """F above for z (B,n), λ (B,m), ν (B,q); every parameter batched or shared.
-    Q enters through its symmetric part ½(Qz + Qᵀz), so dF/dQ is symmetric. Each matrix
-    enters through one `_Products` call, so that its gradient is a single matrix product
-    and no (B, ·, n) matrix (a symmetrized Q, an outer product) is formed or kept."""
-    Qz, Qtz = _Products.apply(Q, z, z)
+    Q enters through its symmetric part, so dF/dQ is (exactly) symmetric. Each matrix
+    enters through one custom product, so that no symmetrized Q is formed or kept by the
+    linearization and each gradient is formed once (`_SymProduct`, `_Products`)."""
     Gz, Gt_lam = _Products.apply(G, z, lam)
     Az, At_nu = _Products.apply(A, z, nu)
-    r_d = 0.5 * (Qz + Qtz) + p + Gt_lam + At_nu
+    r_d = _SymProduct.apply(Q, z) + p + Gt_lam + At_nu
     r_c = lam * (Gz - h)
     r_e = Az - b
     return r_d, r_c, r_e
+
+
+class _SymProduct(torch.autograd.Function):
+    """½(Q + Qᵀ)x for Q (B, n, n), (1, n, n) or (n, n) and x (B, n), without ½(Q + Qᵀ).
+    The gradient of Q, ½(u xᵀ + x uᵀ), is the outer product P = u xᵀ (summed over the
+    batch for a shared Q) and its transpose added, exactly symmetric."""
+
+    @staticmethod
+    def forward(Q: Tensor, x: Tensor) -> Tensor:
+        return 0.5 * (_mv(Q, x) + _rmv(Q, x))
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.save_for_backward(*inputs)
+
+    @staticmethod
+    def backward(ctx, u: Tensor):
+        Q, x = ctx.saved_tensors
+        need_Q, need_x = ctx.needs_input_grad
+        gQ = None
+        if need_Q:
+            P = _outer_sum(Q, u.unsqueeze(-1), x.unsqueeze(-2))
+            gQ = (P + P.mT).mul_(0.5)
+        return gQ, 0.5 * (_rmv(Q, u) + _mv(Q, u)) if need_x else None
 
 
 class _Products(torch.autograd.Function):
@@ -49,12 +72,12 @@ class _Products(torch.autograd.Function):
 
 
 def _outer_sum(M: Tensor, U: Tensor, V: Tensor) -> Tensor:
-    """U V for U (B, k, 2), V (B, 2, n), summed over the batch where M (k, n) or (1, k, n) is
-    shared: then one (k, 2B) × (2B, n) product."""
-    B, k, n = U.shape[0], U.shape[1], V.shape[-1]
+    """U V for U (B, k, r), V (B, r, n), summed over the batch where M (k, n) or (1, k, n)
+    is shared: then one (k, rB) × (rB, n) product."""
+    (B, k, r), n = U.shape, V.shape[-1]
     if M.dim() == 3 and M.shape[0] == B:
         return U @ V
-    return (U.transpose(0, 1).reshape(k, 2 * B) @ V.reshape(2 * B, n)).reshape(M.shape)
+    return (U.transpose(0, 1).reshape(k, r * B) @ V.reshape(r * B, n)).reshape(M.shape)
 
 
 def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor):
