@@ -92,11 +92,16 @@ class Residuals:
         self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
         self.r_i = self.Gz + it.s - d.h  # Gz + s − h
         self.r_e = self.Az - d.b  # Az − b
-        if sc is None:
-            self.w_x = self.w_E = self.w_i = self.w_e = self.w_c = self.w_z = None
-        else:
-            self.w_x, self.w_E, self.w_c, self.w_z = _weights(sc)
-            self.w_i, self.w_e = self.w_E[..., :m], self.w_E[..., m:]
+        w = (None,) * 4 if sc is None else _weights(sc)
+        self.w_x, self.w_E, self.w_c, self.w_z = w
+
+    @property
+    def w_i(self) -> Tensor | None:
+        return None if self.w_E is None else self.w_E[..., : self.it.lam.shape[-1]]
+
+    @property
+    def w_e(self) -> Tensor | None:
+        return None if self.w_E is None else self.w_E[..., self.it.lam.shape[-1] :]
 
     @cached_property
     def y(self) -> Tensor:
@@ -573,7 +578,7 @@ def _mehrotra_step(
     else:
         step = newton(kkt, it, res, it.s * it.lam, refine)
         alpha = it.z.new_ones(it.z.shape[0])
-    finite = torch.isfinite(step.z.sum(-1) + step.s.sum(-1) + step.lam.sum(-1) + step.nu.sum(-1) + alpha)
+    finite = torch.isfinite(torch.cat(step.fields(), -1).sum(-1) + alpha)
     move = running & finite
     if bool(finite.all()):
         a = (alpha * move).unsqueeze(-1)  # α, or 0 where the problem does not move
