@@ -400,14 +400,16 @@ def pdipm(
             ok = kkt.ok
         else:
             kkt, ok = _factor_primal(w, res, rho)
-        run = w.running & ok
+        all_ok = bool(ok.all())  # the usual case: one sync spares the masking below
+        run = w.running if all_ok else w.running & ok
         w.iters = w.iters + run
         mu = None if w.rho is None else _mu(w.it)
         w.it, finite = _mehrotra_step(kkt, w.it, res, run, refine, floor)
-        # a failed factorization or a non-finite step: NUMERICAL
-        failed = w.running & ~(ok & finite)
-        w.status = torch.where(failed, NUMERICAL, w.status)
-        w.running = w.running & ~failed
+        if not all_ok or finite is not None:
+            # a failed factorization or a non-finite step: NUMERICAL
+            failed = w.running & ~(ok if finite is None else ok & finite)
+            w.status = torch.where(failed, NUMERICAL, w.status)
+            w.running = w.running & ~failed
         if w.rho is not None:
             w.rho = _relax_regularization(w.rho, mu, _mu(w.it), rho_min)
     it, status, iters = w.flush(idx, it, status, iters)
@@ -562,9 +564,10 @@ def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:
 
 def _mehrotra_step(
     kkt: KKT, it: Iterate, res: Residuals, running: Tensor, refine: int, floor: float
-) -> tuple[Iterate, Tensor]:
+) -> tuple[Iterate, Tensor | None]:
     """One predictor-corrector step of the running problems (the others do not move).
-    Also returns which steps were finite; a problem with a non-finite step does not move."""
+    Also returns which steps were finite (B,), or None when all were; a problem with a
+    non-finite step does not move."""
     if it.s.shape[-1]:
         s, lam = it.s, it.lam
         sl, low = s * lam, s < lam
@@ -579,10 +582,11 @@ def _mehrotra_step(
         step = newton(kkt, it, res, it.s * it.lam, refine)
         alpha = it.z.new_ones(it.z.shape[0])
     finite = torch.isfinite(torch.cat(step.fields(), -1).sum(-1) + alpha)
-    move = running & finite
     if bool(finite.all()):
-        a = (alpha * move).unsqueeze(-1)  # α, or 0 where the problem does not move
+        a = (alpha * running).unsqueeze(-1)  # α, or 0 where the problem does not move
+        finite = None
     else:
+        move = running & finite
         a = torch.where(move, alpha, 0.0).unsqueeze(-1)
         step = Iterate(*(torch.where(move.unsqueeze(-1), x, 0.0) for x in step.fields()))
     new = Iterate(
