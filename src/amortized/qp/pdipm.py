@@ -238,9 +238,9 @@ def newton(
 
 
 def _max_step(x: Tensor, dx: Tensor) -> Tensor:
-    """(B, m) the largest α_i ≤ 1 with x + α_i dx ≥ 0, row by row, for x ≥ tiny > 0:
-    x/(−dx) where dx < 0; elsewhere x/tiny ≥ 1 (a division where a `where` would cost
-    two more ops)."""
+    """(B, m) the largest α_i with x + α_i dx ≥ 0, row by row, or a value ≥ 1 (the caller
+    clamps at 1): x/(−dx) where dx < 0, elsewhere x/tiny ≥ 1 since the iterates keep
+    x ≥ √tiny (one division where a `where` would cost two more ops)."""
     tiny = torch.finfo(x.dtype).tiny
     return x / dx.neg().clamp_(min=tiny)
 
@@ -268,7 +268,11 @@ def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iter
     s, lam = s + 0.5 * sl / lam.sum(-1, keepdim=True), lam + 0.5 * sl / s.sum(-1, keepdim=True)
     # degenerate starts (s or λ identically zero) fall back to the unit point
     good = ((s > 0).all(-1) & (lam > 0).all(-1) & torch.isfinite(s + lam).all(-1)).unsqueeze(-1)
-    return Iterate(z, torch.where(good, s, 1.0), torch.where(good, lam, 1.0), nu)
+    # at least √tiny, as every later iterate (`_max_step` needs s, λ ≥ tiny)
+    floor = torch.finfo(s.dtype).tiny ** 0.5
+    return Iterate(
+        z, torch.where(good, s, 1.0).clamp_(min=floor), torch.where(good, lam, 1.0).clamp_(min=floor), nu
+    )
 
 
 @dataclass
