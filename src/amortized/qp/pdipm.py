@@ -27,8 +27,8 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.qp.kkt_system import KKT, DualBase, dual_base, mv, regularization, rmv
-from amortized.qp.problem import QPData
+from amortized.qp.kkt_system import KKT, DualBase, dual_base, regularization
+from amortized.qp.problem import QPData, bmv, brmv
 from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
 
@@ -60,36 +60,76 @@ def _amax(x: Tensor) -> Tensor:
     return x.abs().amax(-1) if x.shape[-1] else x.new_zeros(x.shape[:-1])
 
 
+def _weights(sc: Scaling) -> tuple[Tensor, ...]:
+    """w_x = 1/(cD) (B, n), w_E = 1/E (B, m + q) with its parts w_i, w_e, w_c = 1/c (B,) and
+    w_z = D (B, n): the weights that take a scaled vector's entries to the original
+    problem's. Computed once per `Scaling` (kept in its __dict__): every residual of the
+    working set reuses them."""
+    cache = vars(sc)
+    if "_weights" not in cache:
+        w_x, w_E, w_c = 1 / (sc.c.unsqueeze(-1) * sc.D), 1 / sc.E, 1 / sc.c
+        cache["_weights"] = (w_x, w_E, w_c, w_c.unsqueeze(-1) / w_x)
+    return cache["_weights"]
+
+
 class Residuals:
     """Residual vectors (B, ·) at an iterate of the (scaled) problem `d`; their norms, scales
     and the duality gap (B,), measured on the original problem when a `Scaling` is given,
-    are computed on first use only (at convergence checks)."""
+    are computed on first use only (at convergence checks), each ∞-norm family in one
+    stacked reduction (`_primal_norms`, `_dual_norms`)."""
 
     def __init__(self, d: QPData, it: Iterate, sc: Scaling | None = None):
         self.d, self.it = d, it
         m = it.lam.shape[-1]
         if d.sep is None:
-            Cz = mv(d.C, it.z)  # one pass over [G; A] instead of two
-            self.Gz, self.Az = Cz[..., :m], Cz[..., m:]
-            self.Ct_y = rmv(d.C, torch.cat([it.lam, it.nu], -1))  # Gᵀλ + Aᵀν
+            self.Cz = bmv(d.C, it.z)  # one pass over [G; A] instead of two
+            self.Gz, self.Az = self.Cz[..., :m], self.Cz[..., m:]
+            self.Ct_y = brmv(d.C, self.y)  # Gᵀλ + Aᵀν
         else:
-            self.Gz, self.Az = d.Gx(it.z), mv(d.A, it.z)
-            self.Ct_y = d.Gty(it.lam) + rmv(d.A, it.nu)
+            self.Gz, self.Az = d.Gx(it.z), bmv(d.A, it.z)
+            self.Ct_y = d.Gty(it.lam) + brmv(d.A, it.nu)
         self.Qz = d.Qx(it.z)
         self.r_d = self.Qz + d.p + self.Ct_y  # Qz + p + Gᵀλ + Aᵀν
         self.r_i = self.Gz + it.s - d.h  # Gz + s − h
         self.r_e = self.Az - d.b  # Az − b
-        # weights that take a scaled vector's entries to the original problem's
-        if sc is None:
-            self.w_x = self.w_i = self.w_e = self.w_c = None
-        else:
-            E_G, E_A = sc.split(m)
-            self.w_x, self.w_i, self.w_e = 1 / (sc.c.unsqueeze(-1) * sc.D), 1 / E_G, 1 / E_A
-            self.w_c = 1 / sc.c
+        w = (None,) * 4 if sc is None else _weights(sc)
+        self.w_x, self.w_E, self.w_c, self.w_z = w
+
+    @property
+    def w_i(self) -> Tensor | None:
+        return None if self.w_E is None else self.w_E[..., : self.it.lam.shape[-1]]
+
+    @property
+    def w_e(self) -> Tensor | None:
+        return None if self.w_E is None else self.w_E[..., self.it.lam.shape[-1] :]
+
+    @cached_property
+    def y(self) -> Tensor:
+        """[λ; ν] (B, m + q)."""
+        return torch.cat([self.it.lam, self.it.nu], -1)
 
     @staticmethod
     def _norm(x: Tensor, w: Tensor | None) -> Tensor:
         return _amax(x if w is None else x * w)
+
+    @staticmethod
+    def _norms(xs: list[Tensor], w: Tensor | None) -> Tensor:
+        """(len(xs), B) the weighted ∞-norms of the vectors xs (B, k), in one reduction."""
+        x = torch.stack(xs)
+        if not x.shape[-1]:
+            return x.new_zeros(x.shape[:-1])
+        return (x if w is None else x * w).abs().amax(-1)
+
+    @cached_property
+    def _primal_norms(self) -> Tensor:
+        """(3, B) ‖[r_i; r_e]‖, ‖Cz‖, ‖[h; b]‖ (weighted ∞-norms)."""
+        Cz = self.Cz if "Cz" in vars(self) else torch.cat([self.Gz, self.Az], -1)
+        return self._norms([torch.cat([self.r_i, self.r_e], -1), Cz, self.d.hb], self.w_E)
+
+    @cached_property
+    def _dual_norms(self) -> Tensor:
+        """(4, B) ‖r_d‖, ‖Qz‖, ‖p‖, ‖Cᵀy‖ (weighted ∞-norms)."""
+        return self._norms([self.r_d, self.Qz, self.d.p, self.Ct_y], self.w_x)
 
     @cached_property
     def neg_r_d(self) -> Tensor:
@@ -98,26 +138,32 @@ class Residuals:
         return -self.r_d
 
     @cached_property
-    def primal(self) -> Tensor:
-        return torch.maximum(self._norm(self.r_i, self.w_i), self._norm(self.r_e, self.w_e))
+    def neg_r_i(self) -> Tensor:
+        return -self.r_i
 
     @cached_property
+    def neg_r_e(self) -> Tensor:
+        return -self.r_e
+
+    @property
+    def primal(self) -> Tensor:
+        return self._primal_norms[0]
+
+    @property
     def dual(self) -> Tensor:
-        return self._norm(self.r_d, self.w_x)
+        return self._dual_norms[0]
+
+    @cached_property
+    def _raw_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """zᵀQz, pᵀz, hᵀλ, bᵀν, sᵀλ of the scaled problem."""
+        d, it = self.d, self.it
+        zQz, pz = (it.z * torch.stack([self.Qz, d.p])).sum(-1)
+        return zQz, pz, (d.h * it.lam).sum(-1), (d.b * it.nu).sum(-1), (it.s * it.lam).sum(-1)
 
     @cached_property
     def _gap_terms(self) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
         """zᵀQz, pᵀz, hᵀλ, bᵀν, sᵀλ of the original problem."""
-        d, it = self.d, self.it
-        terms = torch.stack(
-            [
-                (it.z * self.Qz).sum(-1),
-                (d.p * it.z).sum(-1),
-                (d.h * it.lam).sum(-1),
-                (d.b * it.nu).sum(-1),
-                (it.s * it.lam).sum(-1),
-            ]
-        )
+        terms = torch.stack(self._raw_terms)
         return tuple(terms if self.w_c is None else terms * self.w_c)
 
     @cached_property
@@ -126,6 +172,11 @@ class Residuals:
         zQz, pz, hl, bn, sl = self._gap_terms
         return torch.maximum((zQz + pz + hl + bn).abs(), sl)
 
+    @cached_property
+    def _worst(self) -> Tensor:
+        """(3, B) primal, dual residual and gap."""
+        return torch.stack([self.primal, self.dual, self.gap])
+
     def meets(self, eps: float, eps_abs: float | None) -> Tensor:
         """(B,) whether the relative test holds, and the absolute one when eps_abs is given.
         The absolute test asks each of primal, dual and gap to be ≤ eps_abs or within the
@@ -133,7 +184,7 @@ class Residuals:
         digits below 1e-8 in float64 (see `rounding_floor`)."""
         ok = self.relative <= eps
         if eps_abs is not None:
-            worst = torch.stack([self.primal, self.dual, self.gap])
+            worst = self._worst
             above = ok & (worst > eps_abs).any(0)
             if bool(above.any()):  # rare: only then pay for the floor
                 worst = torch.where(worst <= eps_abs, 0.0, worst / self.rounding_floor())
@@ -149,48 +200,54 @@ class Residuals:
         m = it.lam.shape[-1]
         C_abs = d.C.abs()
         primal = torch.maximum(
-            N(mv(C_abs[..., :m, :], it.z.abs()) + d.h.abs(), self.w_i),
-            N(mv(C_abs[..., m:, :], it.z.abs()) + d.b.abs(), self.w_e),
+            N(bmv(C_abs[..., :m, :], it.z.abs()) + d.h.abs(), self.w_i),
+            N(bmv(C_abs[..., m:, :], it.z.abs()) + d.b.abs(), self.w_e),
         )
         y_abs = torch.cat([it.lam, it.nu], -1).abs()
-        dual = N(mv(d.Q.abs(), it.z.abs()) + d.p.abs() + rmv(C_abs, y_abs), self.w_x)
+        dual = N(bmv(d.Q.abs(), it.z.abs()) + d.p.abs() + brmv(C_abs, y_abs), self.w_x)
         gap = torch.stack([x.abs() for x in self._gap_terms[:4]]).sum(0)
         return _ROUNDING * torch.finfo(gap.dtype).eps * torch.stack([primal, dual, gap])
 
     @cached_property
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
-        d, N = self.d, self._norm
-        primal_scale = torch.stack(
-            [N(self.Gz, self.w_i), N(d.h, self.w_i), N(self.Az, self.w_e), N(d.b, self.w_e)]
-        ).amax(0)
-        dual_scale = torch.stack([N(self.Qz, self.w_x), N(d.p, self.w_x), N(self.Ct_y, self.w_x)]).amax(0)
-        gap_scale = torch.stack([x.abs() for x in self._gap_terms[:4]]).amax(0)
-        return torch.stack(
+        scale = torch.stack(
             [
-                self.primal / (1 + primal_scale),
-                self.dual / (1 + dual_scale),
-                self.gap / (1 + gap_scale),
+                self._primal_norms[1:].amax(0),  # ‖Gz‖, ‖h‖, ‖Az‖, ‖b‖
+                self._dual_norms[1:].amax(0),  # ‖Qz‖, ‖p‖, ‖Cᵀy‖
+                torch.stack(self._gap_terms[:4]).abs().amax(0),
             ]
-        ).amax(0)
+        )
+        return (self._worst / (1 + scale)).amax(0)
 
 
-def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int) -> Iterate:
+def newton(
+    kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int, low: Tensor | None = None
+) -> Iterate:
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
-    G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz."""
-    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / it.lam - res.r_i, -res.r_e, refine)
-    ds = -res.r_i - kkt.d.Gx(dz)
+    G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz. `low` (B, m): the rows s < λ
+    (given when the caller shares it between the predictor and the corrector)."""
+    s, lam = it.s, it.lam
+    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / lam - res.r_i, res.neg_r_e, refine)
     # on rows with s < λ the KKT solve's rounding error (relative to |r_c/λ − r_i|) can
     # exceed s itself and block the step: take ds from the linearized complementarity
-    # instead, which moves that error into the primal residual
-    ds = torch.where(it.s < it.lam, -(r_c + it.s * dlam) / it.lam, ds)
+    # −(r_c + s∘dλ)/λ instead, which moves that error into the primal residual
+    low = s < lam if low is None else low
+    ds = torch.where(low, (s * dlam).add_(r_c).div_(lam).neg_(), res.neg_r_i - kkt.d.Gx(dz))
     return Iterate(dz, ds, dlam, dnu)
 
 
 def _max_step(x: Tensor, dx: Tensor) -> Tensor:
-    """Largest α ≤ 1 with x + α dx ≥ 0, per problem. x, dx: (B, m)."""
-    ratio = torch.where(dx < 0, -x / dx, torch.ones_like(x))
-    return ratio.amin(-1).clamp(max=1.0)
+    """(B, m) the largest α_i with x + α_i dx ≥ 0, row by row, or a value ≥ 1 (the caller
+    clamps at 1): x/(−dx) where dx < 0, elsewhere x/tiny ≥ 1 since the iterates keep
+    x ≥ √tiny (one division where a `where` would cost two more ops)."""
+    tiny = torch.finfo(x.dtype).tiny
+    return x / dx.neg().clamp_(min=tiny)
+
+
+def _step_length(it: Iterate, step: Iterate) -> Tensor:
+    """(B,) largest α ≤ 1 with s + α ds ≥ 0 and λ + α dλ ≥ 0."""
+    return torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam)).amin(-1).clamp_(max=1.0)
 
 
 def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iterate:
@@ -211,7 +268,11 @@ def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iter
     s, lam = s + 0.5 * sl / lam.sum(-1, keepdim=True), lam + 0.5 * sl / s.sum(-1, keepdim=True)
     # degenerate starts (s or λ identically zero) fall back to the unit point
     good = ((s > 0).all(-1) & (lam > 0).all(-1) & torch.isfinite(s + lam).all(-1)).unsqueeze(-1)
-    return Iterate(z, torch.where(good, s, 1.0), torch.where(good, lam, 1.0), nu)
+    # at least √tiny, as every later iterate (`_max_step` needs s, λ ≥ tiny)
+    floor = torch.finfo(s.dtype).tiny ** 0.5
+    return Iterate(
+        z, torch.where(good, s, 1.0).clamp_(min=floor), torch.where(good, lam, 1.0).clamp_(min=floor), nu
+    )
 
 
 @dataclass
@@ -321,12 +382,15 @@ def pdipm(
                     res = Residuals(w.d, w.it, w.sc)
                     rel = res.relative
             converged = res.meets(eps, eps_abs)
-            infeasible = _infeasible(res, eps_inf, floor) & ~converged
-            unbounded = _unbounded(res, eps_inf) & ~converged & ~infeasible
-            w.status = torch.where(w.running & converged, SOLVED, w.status)
-            w.status = torch.where(w.running & infeasible, INFEASIBLE, w.status)
-            w.status = torch.where(w.running & unbounded, UNBOUNDED, w.status)
-            w.running = w.running & ~converged & ~infeasible & ~unbounded
+            stop = converged | _infeasible(res, eps_inf, floor)
+            code = torch.where(converged, SOLVED, INFEASIBLE)
+            unbounded = _unbounded(res, eps_inf)
+            if unbounded is not None:
+                code = torch.where(stop, code, UNBOUNDED)
+                stop = stop | unbounded
+            stop = w.running & stop
+            w.status = torch.where(stop, code, w.status)
+            w.running = w.running & ~stop
             n_run = int(w.running.sum())
             if k == max_iter or n_run == 0:
                 break
@@ -340,13 +404,16 @@ def pdipm(
             ok = kkt.ok
         else:
             kkt, ok = _factor_primal(w, res, rho)
-        w.status = torch.where(w.running & ~ok, NUMERICAL, w.status)
-        w.running = w.running & ok
-        w.iters = w.iters + w.running
-        mu = _mu(w.it)
-        w.it, finite = _mehrotra_step(kkt, w.it, res, w.running, refine, floor)
-        w.status = torch.where(w.running & ~finite, NUMERICAL, w.status)
-        w.running = w.running & finite
+        all_ok = bool(ok.all())  # the usual case: one sync spares the masking below
+        run = w.running if all_ok else w.running & ok
+        w.iters = w.iters + run
+        mu = None if w.rho is None else _mu(w.it)
+        w.it, finite = _mehrotra_step(kkt, w.it, res, run, refine, floor)
+        if not all_ok or finite is not None:
+            # a failed factorization or a non-finite step: NUMERICAL
+            failed = w.running & ~(ok if finite is None else ok & finite)
+            w.status = torch.where(failed, NUMERICAL, w.status)
+            w.running = w.running & ~failed
         if w.rho is not None:
             w.rho = _relax_regularization(w.rho, mu, _mu(w.it), rho_min)
     it, status, iters = w.flush(idx, it, status, iters)
@@ -391,27 +458,28 @@ def _infeasible(res: Residuals, eps_inf: float, floor: float) -> Tensor:
     Both sides are measured on the original problem: its certificate is (E_G λ̃, E_A ν̃).
     hᵀλ + bᵀν must also be negative beyond its rounding error (√ε·‖y‖∞·‖(h, b)‖∞): when λ
     diverges on a feasible problem, that sum can be a cancellation of huge terms."""
-    d, it, N = res.d, res.it, Residuals._norm
-    farkas = (d.h * it.lam).sum(-1) + (d.b * it.nu).sum(-1)
-    cert = torch.maximum(N(res.Ct_y, res.w_x), floor * it.lam.sum(-1))
-    y_size = torch.maximum(_amax(it.lam), _amax(it.nu))
-    if res.w_c is not None:
+    it = res.it
+    _, _, hl, bn, _ = res._raw_terms
+    farkas = hl + bn
+    cert = torch.maximum(res._dual_norms[3], floor * it.lam.sum(-1))  # ‖Gᵀλ + Aᵀν‖
+    if res.w_c is None:
+        y_size = _amax(res.y)
+    else:
         cert = cert / res.w_c  # the certificate carries no 1/c
-        y_size = torch.maximum(_amax(it.lam / res.w_i), _amax(it.nu / res.w_e))
-    hb_size = torch.maximum(N(d.h, res.w_i), N(d.b, res.w_e))
-    rounding = torch.finfo(farkas.dtype).eps ** 0.5 * y_size * hb_size
+        y_size = _amax(res.y / res.w_E)
+    rounding = torch.finfo(farkas.dtype).eps ** 0.5 * y_size * res._primal_norms[2]  # ‖(h, b)‖
     return (farkas < -rounding) & (cert <= eps_inf * -farkas)
 
 
-def _unbounded(res: Residuals, eps_inf: float) -> Tensor:
-    """(B,) whether the iterate z runs off along a ray of recession (see `pdipm`)."""
+def _unbounded(res: Residuals, eps_inf: float) -> Tensor | None:
+    """(B,) whether the iterate z runs off along a ray of recession (see `pdipm`); None
+    when no iterate is large enough to be checked (the usual case)."""
     d, it, N = res.d, res.it, Residuals._norm
     # original z = D z̃; with x = z̃ the products below map to the original ones by weights
-    w_z = None if res.w_c is None else res.w_c.unsqueeze(-1) / res.w_x  # (1/c)/(1/(cD)) = D
-    size = N(it.z, w_z)
-    big = size * eps_inf >= 1 + torch.maximum(N(d.h, res.w_i), N(d.b, res.w_e))
-    if not bool(big.any()):  # the usual case: skip the rest (a sync beats ~15 small ops)
-        return big
+    size = N(it.z, res.w_z)
+    big = size * eps_inf >= 1 + res._primal_norms[2]  # 1 + ‖(h, b)‖
+    if not bool(big.any()):  # skip the rest (a sync beats ~15 small ops)
+        return None
     x_scale = 1 / size.clamp(min=torch.finfo(size.dtype).tiny).unsqueeze(-1)
     Gx = res.Gz * x_scale
     Gx = (Gx if res.w_i is None else Gx * res.w_i).clamp(min=0)
@@ -500,27 +568,35 @@ def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:
 
 def _mehrotra_step(
     kkt: KKT, it: Iterate, res: Residuals, running: Tensor, refine: int, floor: float
-) -> tuple[Iterate, Tensor]:
+) -> tuple[Iterate, Tensor | None]:
     """One predictor-corrector step of the running problems (the others do not move).
-    Also returns which steps were finite; a problem with a non-finite step does not move."""
-    aff = newton(kkt, it, res, it.s * it.lam, refine)
+    Also returns which steps were finite (B,), or None when all were; a problem with a
+    non-finite step does not move."""
     if it.s.shape[-1]:
-        mu = (it.s * it.lam).mean(-1, keepdim=True)
-        a_aff = torch.minimum(_max_step(it.s, aff.s), _max_step(it.lam, aff.lam)).unsqueeze(-1)
-        mu_aff = ((it.s + a_aff * aff.s) * (it.lam + a_aff * aff.lam)).mean(-1, keepdim=True)
+        s, lam = it.s, it.lam
+        sl, low = s * lam, s < lam
+        aff = newton(kkt, it, res, sl, refine, low)
+        mu = sl.mean(-1, keepdim=True)
+        a_aff = _step_length(it, aff).unsqueeze(-1)
+        mu_aff = ((s + a_aff * aff.s) * (lam + a_aff * aff.lam)).mean(-1, keepdim=True)
         sigma = (mu_aff / mu).clamp(max=1.0) ** 3
-        step = newton(kkt, it, res, it.s * it.lam + aff.s * aff.lam - sigma * mu, refine)
-        alpha = 0.99 * torch.minimum(_max_step(it.s, step.s), _max_step(it.lam, step.lam))
+        step = newton(kkt, it, res, sl + aff.s * aff.lam - sigma * mu, refine, low)
+        alpha = 0.99 * _step_length(it, step)
     else:
-        step, alpha = aff, it.z.new_ones(it.z.shape[0])
-    finite = torch.isfinite(sum(x.sum(-1) for x in step.fields()) + alpha)
-    move = running & finite
-    a = torch.where(move, alpha, 0.0).unsqueeze(-1)
-    step = Iterate(*(torch.where(move.unsqueeze(-1), x, 0.0) for x in step.fields()))
+        step = newton(kkt, it, res, it.s * it.lam, refine)
+        alpha = it.z.new_ones(it.z.shape[0])
+    finite = torch.isfinite(torch.cat(step.fields(), -1).sum(-1) + alpha)
+    if bool(finite.all()):
+        a = (alpha * running).unsqueeze(-1)  # α, or 0 where the problem does not move
+        finite = None
+    else:
+        move = running & finite
+        a = torch.where(move, alpha, 0.0).unsqueeze(-1)
+        step = Iterate(*(torch.where(move.unsqueeze(-1), x, 0.0) for x in step.fields()))
     new = Iterate(
         it.z + a * step.z,
-        (it.s + a * step.s).clamp(min=floor),
-        (it.lam + a * step.lam).clamp(min=floor),
+        (it.s + a * step.s).clamp_(min=floor),
+        (it.lam + a * step.lam).clamp_(min=floor),
         it.nu + a * step.nu,
     )
     return new, finite
@@ -550,7 +626,7 @@ def _polish(
         D_sub = torch.zeros_like(hard[todo], dtype=z.dtype).masked_fill(~hard[todo], torch.inf)
         pk = KKT(sub, D_sub, active_set=True, **args)  # D: 0 equality, ∞ dropped
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z_t, lam_t, nu_t = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine)
+        z_t, lam_t, nu_t = _refined_solve(pk, (-sub.p, sub.h, sub.b), n_refine)
         Gz = sub.Gx(z_t)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
@@ -578,6 +654,21 @@ def _polish(
     D_act = torch.zeros_like(it.s[idx]).masked_fill(~hard, torch.inf)
     D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_act)
     return full.where(done, it), D, done
+
+
+def _refined_solve(kkt: KKT, rhs: tuple[Tensor, Tensor, Tensor], refine: int) -> tuple[Tensor, ...]:
+    """`kkt.solve(*rhs, refine)`, but stopping once every problem's correction is at the
+    noise floor of refinement (100ε relative to the solution's size, the size the third of
+    three steps measures on random QPs): further steps only move rounding errors, and each
+    costs a residual and a solve (some 70 small ops)."""
+    sol = kkt.solve(*rhs, refine=0)
+    tol = 100 * torch.finfo(rhs[0].dtype).eps
+    for _ in range(refine):
+        corr = kkt.solve(*(r - a for r, a in zip(rhs, kkt.apply(*sol))), refine=0)
+        sol = tuple(x + dx for x, dx in zip(sol, corr))
+        if bool((_amax(torch.cat(corr, -1)) <= tol * (1 + _amax(torch.cat(sol, -1)))).all()):
+            break
+    return sol
 
 
 def _subset(d: QPData, kkt_args: dict, idx: Tensor) -> tuple[QPData, dict]:

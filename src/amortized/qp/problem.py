@@ -12,6 +12,17 @@ import torch
 from torch import Tensor
 
 
+def bmv(M: Tensor, x: Tensor) -> Tensor:
+    """Mx for M (B, m, n), x (B, n). torch.bmm directly: `@` dispatches five more ops
+    (expand, view) per call, which is most of a small solve's time."""
+    return torch.bmm(M, x.unsqueeze(-1)).squeeze(-1)
+
+
+def brmv(M: Tensor, y: Tensor) -> Tensor:
+    """Mᵀy for M (B, m, n), y (B, m)."""
+    return torch.bmm(y.unsqueeze(-2), M).squeeze(-2)
+
+
 @dataclass(frozen=True)
 class Separable:
     """The structure of separable data (bounds, z ≥ 0 with a diagonal Q): Q = diag(q) and
@@ -59,19 +70,24 @@ class QPData:
 
     def Qx(self, x: Tensor) -> Tensor:
         """Qx for x (B, n)."""
-        return self.sep.q * x if self.sep is not None else (self.Q @ x.unsqueeze(-1)).squeeze(-1)
+        return self.sep.q * x if self.sep is not None else bmv(self.Q, x)
 
     def Gx(self, x: Tensor) -> Tensor:
         """Gx for x (B, n)."""
         if self.sep is not None:
             return self.sep.g * x.gather(-1, self.sep.col)
-        return (self.G @ x.unsqueeze(-1)).squeeze(-1)
+        return bmv(self.G, x)
 
     def Gty(self, y: Tensor) -> Tensor:
         """Gᵀy for y (B, m)."""
         if self.sep is not None:
             return y.new_zeros(self.p.shape).scatter_add(-1, self.sep.col, self.sep.g * y)
-        return (y.unsqueeze(-2) @ self.G).squeeze(-2)
+        return brmv(self.G, y)
+
+    @cached_property
+    def hb(self) -> Tensor:
+        """[h; b] (B, m + q): the right sides of all constraint rows."""
+        return torch.cat([self.h, self.b], dim=-1)
 
     @cached_property
     def C(self) -> Tensor:
