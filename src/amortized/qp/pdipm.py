@@ -409,6 +409,7 @@ def pdipm(
         w.iters = w.iters + run
         mu = None if w.rho is None else _mu(w.it)
         w.it, finite = _mehrotra_step(kkt, w.it, res, run, refine, floor)
+        del kkt  # its factor goes before the next one (or the polish's) is formed
         if not all_ok or finite is not None:
             # a failed factorization or a non-finite step: NUMERICAL
             failed = w.running & ~(ok if finite is None else ok & finite)
