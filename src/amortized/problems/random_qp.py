@@ -5,15 +5,13 @@ h (B,m), A (B,q,n), b (B,q); absent blocks have zero rows."""
 import torch
 from torch import Tensor
 
+from amortized.qp.problem import bmv
+
 QP = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 
 
 def _randn(generator, dtype, *shape):
     return torch.randn(*shape, generator=generator, dtype=dtype)
-
-
-def _mv(M: Tensor, x: Tensor) -> Tensor:
-    return (M @ x.unsqueeze(-1)).squeeze(-1)
 
 
 def random_qp(
@@ -31,8 +29,8 @@ def random_qp(
     L = _randn(generator, dtype, B, n, n)
     Q = L @ L.mT / n + Q_reg * torch.eye(n, dtype=dtype)
     p, G, A, z0 = (_randn(generator, dtype, *s) for s in ((B, n), (B, m, n), (B, q, n), (B, n)))
-    h = _mv(G, z0) + torch.rand(B, m, generator=generator, dtype=dtype)
-    return Q, p, G, h, A, _mv(A, z0)
+    h = bmv(G, z0) + torch.rand(B, m, generator=generator, dtype=dtype)
+    return Q, p, G, h, A, bmv(A, z0)
 
 
 def box_qp(B: int, n: int, *, dtype=torch.float64, generator=None) -> QP:
@@ -56,7 +54,7 @@ def degenerate_qp(B: int, n: int, m: int, q: int, *, dtype=torch.float64, genera
     Q, p, G, h, A, b = random_qp(B, n, m, q, dtype=dtype, generator=generator)
     z0 = torch.linalg.lstsq(A, b.unsqueeze(-1)).solution.squeeze(-1) if q else None
     if z0 is not None:
-        tight = _mv(G, z0)
+        tight = bmv(G, z0)
         h = torch.where(torch.arange(m) % 3 == 0, tight, h)
     return (
         Q,
@@ -95,7 +93,7 @@ def separable_qp(B: int, n: int, q: int, *, fixed: bool = False, dtype=torch.flo
     G = c.unsqueeze(-1) * rows
     h = c * torch.cat([up, -lo, torch.zeros(B, rows.shape[0] - 2 * n, dtype=dtype)], 1)
     p, A = (torch.randn(*s, generator=generator, dtype=dtype) for s in ((B, n), (B, q, n)))
-    return Q, 2 * p, G, h, A, _mv(A, z0)
+    return Q, 2 * p, G, h, A, bmv(A, z0)
 
 
 FAMILIES = {

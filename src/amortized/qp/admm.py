@@ -19,7 +19,6 @@ import torch
 from torch import Tensor
 
 from amortized.linalg import cholesky, cholesky_solve
-from amortized.qp.kkt_system import mv, rmv
 from amortized.qp.pdipm import (
     INFEASIBLE,
     MAX_ITER,
@@ -34,7 +33,7 @@ from amortized.qp.pdipm import (
     kkt_form,
     scaled,
 )
-from amortized.qp.problem import QPData
+from amortized.qp.problem import QPData, bmv, brmv
 
 
 def admm(
@@ -77,7 +76,7 @@ def admm(
         return r, *cholesky(d.Q + sigma * eye + (C.mT * r.unsqueeze(-2)) @ C)
 
     x, y = _start(d, sc, warm_start)
-    z = torch.clamp(mv(C, x), lo, up)
+    z = torch.clamp(bmv(C, x), lo, up)
     y_check = y
     r, L, ok = factor(rho_b)
     status = torch.where(active & ok, MAX_ITER, NUMERICAL)
@@ -94,8 +93,8 @@ def admm(
         return Iterate(x, (d.h - z[..., :m]).clamp(min=0), y[..., :m].clamp(min=0), y[..., m:])
 
     for k in range(1, max_iter + 1):
-        x_t = cholesky_solve(L, sigma * x - d.p + rmv(C, r * z - y))
-        z_hat = alpha * mv(C, x_t) + (1 - alpha) * z
+        x_t = cholesky_solve(L, sigma * x - d.p + brmv(C, r * z - y))
+        z_hat = alpha * bmv(C, x_t) + (1 - alpha) * z
         x_new = alpha * x_t + (1 - alpha) * x
         z_new = torch.clamp(z_hat + y / r, lo, up)
         y_new = y + r * (z_hat - z_new)

@@ -7,9 +7,8 @@ solve at a solution, for implicit differentiation (OptNet, Amos & Kolter 2017, e
 import torch
 from torch import Tensor
 
-from amortized.qp.kkt_system import mv as _mv
-from amortized.qp.kkt_system import rmv as _rmv
 from amortized.qp.pdipm import PDIPMResult
+from amortized.qp.problem import bmv, brmv
 
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:
@@ -32,7 +31,7 @@ class _SymProduct(torch.autograd.Function):
 
     @staticmethod
     def forward(Q: Tensor, x: Tensor) -> Tensor:
-        return 0.5 * (_mv(Q, x) + _rmv(Q, x))
+        return 0.5 * (bmv(Q, x) + brmv(Q, x))
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -46,7 +45,7 @@ class _SymProduct(torch.autograd.Function):
         if need_Q:
             P = _outer_sum(Q, u.unsqueeze(-1), x.unsqueeze(-2))
             gQ = (P + P.mT).mul_(0.5)
-        return gQ, 0.5 * (_rmv(Q, u) + _mv(Q, u)) if need_x else None
+        return gQ, 0.5 * (brmv(Q, u) + bmv(Q, u)) if need_x else None
 
 
 class _Products(torch.autograd.Function):
@@ -57,7 +56,7 @@ class _Products(torch.autograd.Function):
 
     @staticmethod
     def forward(M: Tensor, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
-        return _mv(M, x), _rmv(M, y)
+        return bmv(M, x), brmv(M, y)
 
     @staticmethod
     def setup_context(ctx, inputs, output):
@@ -68,7 +67,7 @@ class _Products(torch.autograd.Function):
         M, x, y = ctx.saved_tensors
         need_M, need_x, need_y = ctx.needs_input_grad
         gM = _outer_sum(M, torch.stack([a, y], -1), torch.stack([x, b], -2)) if need_M else None
-        return gM, _rmv(M, a) if need_x else None, _mv(M, b) if need_y else None
+        return gM, brmv(M, a) if need_x else None, bmv(M, b) if need_y else None
 
 
 def _outer_sum(M: Tensor, U: Tensor, V: Tensor) -> Tensor:
@@ -117,7 +116,7 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
         v_z, v_lam, v_nu = v
         u_z, w, u_nu = held[0].solve(c * sc.D * v_z, E_G * v_lam, E_A * v_nu, refine=0)
         u_z, w, u_nu = sc.D * u_z, E_G * w / c, E_A * u_nu / c
-        u_lam = torch.where(big, w / lam_safe, (_mv(G, u_z) - v_lam) / s_safe)
+        u_lam = torch.where(big, w / lam_safe, (bmv(G, u_z) - v_lam) / s_safe)
         return tuple(torch.where(keep, u, 0.0) for u in (u_z, u_lam, u_nu))
 
     return solve

@@ -30,17 +30,7 @@ import torch
 from torch import Tensor
 
 from amortized.linalg import SaddleFactor, cholesky, cholesky_solve, col_major, factor_saddle
-from amortized.qp.problem import QPData
-
-
-def mv(M: Tensor, x: Tensor) -> Tensor:
-    """Mx for M (B, m, n), x (B, n)."""
-    return (M @ x.unsqueeze(-1)).squeeze(-1)
-
-
-def rmv(M: Tensor, x: Tensor) -> Tensor:
-    """Mᵀx for M (B, m, n), x (B, m)."""
-    return (x.unsqueeze(-2) @ M).squeeze(-2)
+from amortized.qp.problem import QPData, bmv, brmv
 
 
 def regularization(dtype: torch.dtype) -> float:
@@ -221,7 +211,7 @@ class KKT:
             r_i = torch.where(self.absent, 0.0, d.Gx(x) - torch.where(self.absent, 0.0, self.D) * y_i)
         else:
             r_i = d.Gx(x) - self.D * y_i
-        return d.Qx(x) + d.Gty(y_i) + rmv(d.A, y_e), r_i, mv(d.A, x)
+        return d.Qx(x) + d.Gty(y_i) + brmv(d.A, y_e), r_i, bmv(d.A, x)
 
     def _solve_separable(self, r1: Tensor, r_i: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         """The elimination of `_factor_separable`. With r̃1 = r1 + Σ g_i r_i/D_i over the
@@ -233,7 +223,7 @@ class KKT:
         r1 = r1.scatter_add(-1, self.col, self.g * self.w * r_i)
         r_k = torch.zeros_like(r1).scatter_add(-1, self.col, torch.where(self.pair, r_i, 0.0))
         x, y_e = self.factor.solve(r1 + self.g_v * r_k / self.D_v, r_e)
-        y_pair = (self.g_v * (r1 - rmv(self.d.A, y_e)) - self.H_t * r_k) / self.Delta
+        y_pair = (self.g_v * (r1 - brmv(self.d.A, y_e)) - self.H_t * r_k) / self.Delta
         y_other = self.w * (self.g * x.gather(-1, self.col) - r_i)
         return x, torch.where(self.pair, y_pair.gather(-1, self.col), y_other), y_e
 
@@ -249,13 +239,13 @@ class KKT:
             keep = self.keep if self.active_set else None
             x, y = self.factor.solve(r1, torch.cat([r_i, r_e], -1), self._prepared, keep)
             return x, y[..., :m], y[..., m:]
-        r1 = r1 + rmv(self.d.G, self.W * r_i)
+        r1 = r1 + brmv(self.d.G, self.W * r_i)
         if self.active_set:
             x, y = self.factor.solve(r1, torch.cat([r_i * self.hard, r_e], -1))
-            y_i = torch.where(self.hard, y[..., :m], self.W * (mv(self.d.G, x) - r_i))
+            y_i = torch.where(self.hard, y[..., :m], self.W * (bmv(self.d.G, x) - r_i))
             return x, y_i, y[..., m:]
         x, y_e = self.factor.solve(r1, r_e)
-        return x, self.W * (mv(self.d.G, x) - r_i), y_e
+        return x, self.W * (bmv(self.d.G, x) - r_i), y_e
 
     def solve(self, r1: Tensor, r_i: Tensor, r_e: Tensor, refine: int = 1):
         """(x, y_i, y_e), refined `refine` times against the exact operator."""

@@ -10,9 +10,8 @@ from amortized.implicit import implicit_root
 from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
 from amortized.qp.kkt import kkt_conditions, transpose_solver
-from amortized.qp.kkt_system import mv
 from amortized.qp.pdipm import pdipm
-from amortized.qp.problem import QPData, check_convex, qp_data
+from amortized.qp.problem import QPData, bmv, check_convex, qp_data
 from amortized.qp.status import QPStatus
 
 
@@ -162,8 +161,8 @@ def _solve_elastic(data: QPData, weight: float, **kwargs) -> QPSolution:
     e = elastic_qp(data, weight)
     sol = solve_qp(e.Q, e.p, e.G, e.h, **kwargs)
     z, lam, nu, t = split_elastic(sol.z, sol.lam, n, m, q)
-    relaxation = torch.cat([t, mv(data.A, z) - data.b], -1)
-    s = data.h + t - mv(data.G, z)
+    relaxation = torch.cat([t, bmv(data.A, z) - data.b], -1)
+    s = data.h + t - bmv(data.G, z)
     return QPSolution(
         z, lam, nu, s, sol.status, sol.iters, sol.primal_residual, sol.dual_residual, sol.gap, relaxation
     )
