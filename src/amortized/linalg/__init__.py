@@ -3,5 +3,6 @@ matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit backwar
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major
 from amortized.linalg.kkt import SaddleFactor, factor_saddle
+from amortized.linalg.matvec import bmv, brmv
 
-__all__ = ["cholesky", "cholesky_solve", "col_major", "SaddleFactor", "factor_saddle"]
+__all__ = ["cholesky", "cholesky_solve", "col_major", "SaddleFactor", "factor_saddle", "bmv", "brmv"]

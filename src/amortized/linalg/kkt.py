@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from torch import Tensor
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve
+from amortized.linalg.matvec import bmv, brmv
 
 
 @dataclass(frozen=True)
@@ -33,7 +34,7 @@ class SaddleFactor:
         """H⁻¹r1 and C H⁻¹r1, the part of a solve that depends on r1 alone (so several
         right-hand sides r2 with one r1 share it)."""
         x0 = r1 / self.L_H if self.L_H.dim() == r1.dim() else cholesky_solve(self.L_H, r1)
-        return x0, (r1.unsqueeze(-2) @ self.HinvCt).squeeze(-2)  # H⁻¹ is symmetric
+        return x0, brmv(self.HinvCt, r1)  # (H⁻¹Cᵀ)ᵀr1 = C H⁻¹r1: H⁻¹ is symmetric
 
     def solve(
         self,
@@ -50,7 +51,7 @@ class SaddleFactor:
             return x0, r2
         rhs = CHr - r2
         y = cholesky_solve(self.L_S, rhs if keep is None else rhs * keep)
-        return x0 - (self.HinvCt @ y.unsqueeze(-1)).squeeze(-1), y
+        return x0 - bmv(self.HinvCt, y), y
 
 
 def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor) -> SaddleFactor:

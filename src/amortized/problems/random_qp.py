@@ -5,7 +5,7 @@ h (B,m), A (B,q,n), b (B,q); absent blocks have zero rows."""
 import torch
 from torch import Tensor
 
-from amortized.qp.problem import bmv
+from amortized.linalg import bmv
 
 QP = tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]
 

@@ -18,7 +18,7 @@ problems end MAX_ITER.
 import torch
 from torch import Tensor
 
-from amortized.linalg import cholesky, cholesky_solve
+from amortized.linalg import bmv, brmv, cholesky, cholesky_solve
 from amortized.qp.pdipm import (
     INFEASIBLE,
     MAX_ITER,
@@ -33,7 +33,7 @@ from amortized.qp.pdipm import (
     kkt_form,
     scaled,
 )
-from amortized.qp.problem import QPData, bmv, brmv
+from amortized.qp.problem import QPData
 
 
 def admm(

@@ -7,8 +7,8 @@ solve at a solution, for implicit differentiation (OptNet, Amos & Kolter 2017, e
 import torch
 from torch import Tensor
 
+from amortized.linalg import bmv, brmv
 from amortized.qp.pdipm import PDIPMResult
-from amortized.qp.problem import bmv, brmv
 
 
 def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor]:

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortized.linalg import SaddleFactor, cholesky, cholesky_solve, col_major, factor_saddle
-from amortized.qp.problem import QPData, bmv, brmv
+from amortized.linalg import SaddleFactor, bmv, brmv, cholesky, cholesky_solve, col_major, factor_saddle
+from amortized.qp.problem import QPData
 
 
 def regularization(dtype: torch.dtype) -> float:

@@ -27,8 +27,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
+from amortized.linalg import bmv, brmv
 from amortized.qp.kkt_system import KKT, DualBase, dual_base, regularization
-from amortized.qp.problem import QPData, bmv, brmv
+from amortized.qp.problem import QPData
 from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
 

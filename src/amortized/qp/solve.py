@@ -7,11 +7,12 @@ import torch
 from torch import Tensor
 
 from amortized.implicit import implicit_root
+from amortized.linalg import bmv
 from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
 from amortized.qp.kkt import kkt_conditions, transpose_solver
 from amortized.qp.pdipm import pdipm
-from amortized.qp.problem import QPData, bmv, check_convex, qp_data
+from amortized.qp.problem import QPData, check_convex, qp_data
 from amortized.qp.status import QPStatus
 
 
