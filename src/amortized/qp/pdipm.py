@@ -628,7 +628,7 @@ def _polish(
         D_sub = torch.zeros_like(hard[todo], dtype=z.dtype).masked_fill(~hard[todo], torch.inf)
         pk = KKT(sub, D_sub, active_set=True, **args)  # D: 0 equality, ∞ dropped
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z_t, lam_t, nu_t = _refined_solve(pk, (-sub.p, sub.h, sub.b), n_refine)
+        z_t, lam_t, nu_t = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine, until_noise=True)
         Gz = sub.Gx(z_t)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
@@ -656,21 +656,6 @@ def _polish(
     D_act = torch.zeros_like(it.s[idx]).masked_fill(~hard, torch.inf)
     D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_act)
     return full.where(done, it), D, done
-
-
-def _refined_solve(kkt: KKT, rhs: tuple[Tensor, Tensor, Tensor], refine: int) -> tuple[Tensor, ...]:
-    """`kkt.solve(*rhs, refine)`, but stopping once every problem's correction is at the
-    noise floor of refinement (100ε relative to the solution's size, the size the third of
-    three steps measures on random QPs): further steps only move rounding errors, and each
-    costs a residual and a solve (some 70 small ops)."""
-    sol = kkt.solve(*rhs, refine=0)
-    tol = 100 * torch.finfo(rhs[0].dtype).eps
-    for _ in range(refine):
-        corr = kkt.solve(*(r - a for r, a in zip(rhs, kkt.apply(*sol))), refine=0)
-        sol = tuple(x + dx for x, dx in zip(sol, corr))
-        if bool((_amax(torch.cat(corr, -1)) <= tol * (1 + _amax(torch.cat(sol, -1)))).all()):
-            break
-    return sol
 
 
 def _subset(d: QPData, kkt_args: dict, idx: Tensor) -> tuple[QPData, dict]:
