@@ -188,13 +188,14 @@ def bench_size(n, m, q, B, dtype, tools, reps, K, seed=0):
         if slow:
             for k, v in alternate(slow, reps=min(n_reps.values()), warmup=0).items():
                 rows[k][phase] = v
+    backward = {k: [] for k in fns}
     for r in range(1 + reps):  # the backward timed directly, tools alternated, after a warm-up
         for k, v in fns.items():
             dt = v[2]()
             if r:
-                rows[k].setdefault("backward_times", []).append(dt)
-    for k in fns:
-        rows[k]["backward_s"] = statistics.median(rows[k].pop("backward_times"))
+                backward[k].append(dt)
+    for k, times in backward.items():
+        rows[k]["backward_s"] = statistics.median(times)
     return rows
 
 
