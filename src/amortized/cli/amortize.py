@@ -385,9 +385,6 @@ def qp_proxy_cmd(
 
 
 # ============================================================================ VAE
-VAE_Q = "mu, log sigma^2"  # what the encoder outputs; recorded with the weights
-
-
 def train_vae(
     *,
     steps: int,
@@ -404,7 +401,7 @@ def train_vae(
     decoder in one safetensors file + JSON sidecar). Returns (problem, encoder, decoder,
     x_train, x_test, loss history, training time); the decoder comes back frozen and the
     encoder in eval mode."""
-    from amortized.problems.vae import VAEInference, load_digits_split, make_vae
+    from amortized.problems.vae import Y_LAYOUT, VAEInference, load_digits_split, make_vae
 
     torch.manual_seed(seed)
     dev = torch.device(device)
@@ -419,8 +416,8 @@ def train_vae(
             raise ValueError(
                 f"{load} was trained with seed {meta.get('seed')} (its split differs), not {seed}"
             )
-        if meta.get("q") != VAE_Q:  # earlier files: an encoder whose outputs were (μ, log σ)
-            raise ValueError(f"{load} is not a ({VAE_Q}) encoder; train it again")
+        if meta.get("q") != Y_LAYOUT:  # earlier files: an encoder whose outputs were (μ, log σ)
+            raise ValueError(f"{load} is not a ({Y_LAYOUT}) encoder; train it again")
     else:
         am = Amortizer(P, enc, loss="objective")
         hist, t_train = _fit(
@@ -435,7 +432,7 @@ def train_vae(
             name="train VAE (objective loss)",
         )
         if save is not None:
-            meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "n_test": n_test, "q": VAE_Q}
+            meta = {"seed": seed, "steps": steps, "batch_size": batch_size, "n_test": n_test, "q": Y_LAYOUT}
             both.save(save, meta=meta)
     for prm in dec.parameters():
         prm.requires_grad_(False)

@@ -26,6 +26,8 @@ from torch import Tensor, nn
 
 from amortized.amortize import MLP
 
+Y_LAYOUT = "mu, log sigma^2"  # what y (and the encoder's output) holds; saved with encoders
+
 
 def load_digits_split(n_test: int = 500, seed: int = 0, dtype=torch.float32) -> tuple[Tensor, Tensor]:
     """(train (1797 − n_test, 64), test (n_test, 64)) digits scaled to [0, 1], shuffled by seed."""
