@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from amortized.linalg import cholesky, col_major
-from amortized.qp.kkt import kkt_conditions
+from amortized.qp.kkt import kkt_conditions, kkt_transpose_product
 
 
 def _reference_kkt(z, lam, nu, Q, p, G, h, A, b):
@@ -40,6 +40,22 @@ def test_kkt_conditions_value_and_gradients_match_the_plain_formula(batch):
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
     dQ = got[3]
     assert torch.equal(dQ, dQ.mT)  # F reads only Q's symmetric part
+
+
+@pytest.mark.parametrize("batch", ["per-problem", "shared"])
+def test_kkt_transpose_product_is_the_vjp_of_the_kkt_conditions(batch):
+    """The closed form the implicit backward refines with, against torch.func.vjp of F in
+    (z, λ, ν) (also with an absent constraint block)."""
+    g = torch.Generator().manual_seed(1)
+    B, n, m, q = 4, 6, 5, 2
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    lead = (B,) if batch == "per-problem" else ()
+    for m_, q_ in ((m, q), (m, 0), (0, q)):
+        params = [r(*lead, n, n), r(B, n), r(*lead, m_, n), r(B, m_), r(*lead, q_, n), r(B, q_)]
+        ys, u = (r(B, n), r(B, m_), r(B, q_)), (r(B, n), r(B, m_), r(B, q_))
+        _, vjp = torch.func.vjp(lambda *y, ps=params: kkt_conditions(*y, *ps), *ys)
+        for got, want in zip(kkt_transpose_product(*ys, *params, u), vjp(u)):
+            torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
 
 
 def test_cholesky_overwrite_factors_in_place_and_bitwise_the_same():

@@ -89,9 +89,10 @@ class _Spec:
     solve(matvec, v, precond) -> u; refine: iterative-refinement steps; n_pre: leading inputs
     (an initial guess, or the solution itself) that get no gradient; single: whether M acts
     on one tensor rather than a tuple; build(y, params) -> Preconditioner | None makes one
-    in the backward instead (nothing kept)."""
+    in the backward instead (nothing kept); vjp_y(ys, params, u) -> (∂F/∂y)ᵀu in closed
+    form, used instead of torch.func.vjp of F."""
 
-    def __init__(self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None):
+    def __init__(self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None, vjp_y=None):
         self.run, self.F, self.solve, self.refine, self.n_pre, self.single = (
             run,
             F,
@@ -100,7 +101,7 @@ class _Spec:
             n_pre,
             single,
         )
-        self.build = build
+        self.build, self.vjp_y = build, vjp_y
         self.n_y = 0
         self.apply: Callable | None = None
 
@@ -157,11 +158,17 @@ class _Implicit(torch.autograd.Function):
         # Two linearizations of F: one in y alone for the solve's matvecs, so that no
         # iteration computes the parameter cotangents it would throw away (for a layer's
         # weights they cost as much as the y-product), and one in θ for the final vjp.
-        with torch.enable_grad():
-            _, vjp_y = torch.func.vjp(lambda ys_: F_of(ys_, ps_d), ys_d)
+        # A closed-form y-product (spec.vjp_y) replaces the first.
+        if spec.vjp_y is None:
+            with torch.enable_grad():
+                _, vjp_y = torch.func.vjp(lambda ys_: F_of(ys_, ps_d), ys_d)
 
-        def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
-            return vjp_y(u)[0]
+            def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
+                return vjp_y(u)[0]
+        else:
+
+            def matvec(u: Tensors) -> Tensors:
+                return tuple(spec.vjp_y(ys_d, params, u))
 
         M, single = None, spec.single()
         if spec.apply is not None:
@@ -208,6 +215,7 @@ def implicit_root(
     params: Sequence[Tensor | None],
     *,
     refine: int = 1,
+    vjp_y: Callable[[Tensors, list, Tensors], Tensors] | None = None,
 ) -> Tensors:
     """Attach implicit gradients to a solution computed elsewhere.
 
@@ -216,14 +224,16 @@ def implicit_root(
     their gradients are summed over it). solve_transpose(v) returns u with
     (∂F/∂y)ᵀ u ≈ v for a tuple v shaped like ys (e.g. from a factorization reused from the
     forward pass). `refine` iterative-refinement steps correct u against the exact
-    Jacobian. Returns ys, now differentiable w.r.t. params.
+    Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given
+    (a closed form spares linearizing F through torch.func, most of a small problem's
+    backward). Returns ys, now differentiable w.r.t. params.
     """
     n_y = len(ys)
 
     def run(*inputs):
         return inputs[:n_y]
 
-    spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y)
+    spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y)
     return _Implicit.apply(spec, *ys, *params)[:n_y]
 
 

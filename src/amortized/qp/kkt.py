@@ -24,6 +24,16 @@ def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor
     return r_d, r_c, r_e
 
 
+def kkt_transpose_product(z, lam, nu, Q, p, G, h, A, b, u) -> tuple[Tensor, Tensor, Tensor]:
+    """(∂F/∂(z, λ, ν))ᵀ u for F = `kkt_conditions` and u = (u_z, u_λ, u_ν), in closed form:
+
+    ½(Q + Qᵀ) u_z + Gᵀ(λ∘u_λ) + Aᵀu_ν,    G u_z + (Gz − h)∘u_λ,    A u_z.
+    """
+    u_z, u_lam, u_nu = u
+    Q_u = 0.5 * (bmv(Q, u_z) + brmv(Q, u_z))
+    return Q_u + brmv(G, lam * u_lam) + brmv(A, u_nu), bmv(G, u_z) + (bmv(G, z) - h) * u_lam, bmv(A, u_z)
+
+
 class _SymProduct(torch.autograd.Function):
     """½(Q + Qᵀ)x for Q (B, n, n), (1, n, n) or (n, n) and x (B, n), without ½(Q + Qᵀ).
     The gradient of Q, ½(u xᵀ + x uᵀ), is the outer product P = u xᵀ (summed over the

@@ -10,7 +10,7 @@ from amortized.implicit import implicit_root
 from amortized.linalg import bmv
 from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
-from amortized.qp.kkt import kkt_conditions, transpose_solver
+from amortized.qp.kkt import kkt_conditions, kkt_transpose_product, transpose_solver
 from amortized.qp.pdipm import pdipm
 from amortized.qp.problem import QPData, check_convex, qp_data
 from amortized.qp.status import QPStatus
@@ -142,13 +142,14 @@ def solve_qp(
     params = [Q, p, G, h, A, b]
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
         params = [x if x is not None and x.numel() else None for x in params]
-        F = _kkt_with_defaults(B, n, p)
+        F, vjp_y = _kkt_with_defaults(B, n, p)
         z, lam, nu = implicit_root(
             F,
             _warn_unsolved(transpose_solver(r, s, lam, solved), solved),
             (z, lam, nu),
             params,
             refine=2,
+            vjp_y=vjp_y,
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
@@ -209,17 +210,24 @@ def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
 
 
 def _kkt_with_defaults(B: int, n: int, like: Tensor):
-    """kkt_conditions with absent (None) constraint blocks filled by empty tensors."""
+    """kkt_conditions and its transposed Jacobian product (ys, params, u) -> (∂F/∂y)ᵀu,
+    with absent (None) constraint blocks filled by empty tensors."""
     empty_M, empty_v = like.new_zeros(B, 0, n), like.new_zeros(B, 0)
 
-    def F(z, lam, nu, Q, p, G, h, A, b):
+    def filled(Q, p, G, h, A, b):
         if G is None:
             G, h = empty_M, empty_v
         if A is None:
             A, b = empty_M, empty_v
-        return kkt_conditions(z, lam, nu, Q, p, G, h, A, b)
+        return Q, p, G, h, A, b
 
-    return F
+    def F(z, lam, nu, *params):
+        return kkt_conditions(z, lam, nu, *filled(*params))
+
+    def vjp_y(ys, params, u):
+        return kkt_transpose_product(*ys, *filled(*params), u)
+
+    return F, vjp_y
 
 
 def _warn_unsolved(solve, solved: Tensor):
