@@ -4,7 +4,11 @@ import pytest
 import torch
 
 from amortized.linalg import cholesky, col_major
+from amortized.problems.random_qp import random_qp
 from amortized.qp.kkt import kkt_conditions, kkt_transpose_product
+from amortized.qp.kkt_system import KKT
+from amortized.qp.pdipm import kkt_form, scaled
+from amortized.qp.problem import qp_data
 
 
 def _reference_kkt(z, lam, nu, Q, p, G, h, A, b):
@@ -77,3 +81,67 @@ def test_cholesky_overwrite_factors_in_place_and_bitwise_the_same():
     assert torch.equal(L_bad[1], torch.eye(40, dtype=torch.float64)) and torch.equal(L_bad[2], L[2])
     with pytest.raises(ValueError, match="column-major"):
         cholesky(M.clone(), overwrite=True)
+
+
+def _dual_form_kkt(A_rows=None, seed=3):
+    g = torch.Generator().manual_seed(seed)
+    B, n, m, q = 3, 8, 6, 3
+    Q, p, G, h, A, b = random_qp(B, n, m, q, generator=g)
+    if A_rows is not None:
+        A = A[:, A_rows]
+        b = b[:, A_rows]
+    d = scaled(qp_data(Q, p, G, h, A, b)[0], scale=False)[0]
+    args = kkt_form(d)
+    assert args["base"] is not None and args["base"].fixed is not None  # the dual form, rows fixed
+    return d, args, g
+
+
+@pytest.mark.parametrize("active_set", [False, True])
+def test_dual_form_with_equality_rows_solves_the_kkt_system(active_set):
+    """The dual form eliminates the equality rows once (`FixedRows`) and factors only the
+    inequality rows for each D: its refined solution against a dense solve of
+
+        [Q  Gᵀ  Aᵀ] [x  ]   [r1 ]
+        [G  −D  0 ] [y_i] = [r_i]    (rows with D = ∞ dropped: y_i = 0 there)
+        [A  0   0 ] [y_e]   [r_e]
+    """
+    d, args, g = _dual_form_kkt()
+    B, n, m, q = d.shape
+    D = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
+    if active_set:
+        D[:, 0], D[:, 1], D[1, 2] = 0.0, torch.inf, torch.inf
+    r = [torch.randn(B, k, generator=g, dtype=torch.float64) for k in (n, m, q)]
+    kkt = KKT(d, D, active_set=active_set, **args)
+    assert kkt.ok.all()
+    got = torch.cat(kkt.solve(*r, refine=0), -1)  # unrefined: the factors alone
+
+    absent = torch.isinf(D)
+    K = torch.zeros(B, n + m + q, n + m + q, dtype=torch.float64)
+    K[:, :n, :n], K[:, :n, n : n + m], K[:, :n, n + m :] = d.Q, d.G.mT, d.A.mT
+    K[:, n : n + m, :n], K[:, n + m :, :n] = d.G, d.A
+    K[:, n : n + m, n : n + m] = -torch.diag_embed(torch.where(absent, 0.0, D))
+    rows = torch.arange(n, n + m)
+    for k in range(B):  # a dropped row reads y_i = 0
+        for i in rows[absent[k]]:
+            K[k, i], K[k, :, i], K[k, i, i] = 0.0, 0.0, 1.0
+    rhs = torch.cat([r[0], torch.where(absent, 0.0, r[1]), r[2]], -1)
+    want = torch.linalg.solve(K, rhs)
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_dual_form_factors_dependent_equality_rows():
+    """A repeated row of A makes the fixed block singular: its regularization still
+    factors, and refinement solves a consistent system (r_e in the range of A)."""
+    d, args, g = _dual_form_kkt(A_rows=[0, 1, 2, 1])
+    B, n, m, q = d.shape
+    D = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
+    kkt = KKT(d, D, **args)
+    assert kkt.ok.all()
+    r1, r_i = (
+        torch.randn(B, n, generator=g, dtype=torch.float64),
+        torch.randn(B, m, generator=g, dtype=torch.float64),
+    )
+    r_e = (d.A @ torch.randn(B, n, 1, generator=g, dtype=torch.float64)).squeeze(-1)
+    sol = kkt.solve(r1, r_i, r_e, refine=5)
+    for a, want in zip(kkt.apply(*sol), (r1, r_i, r_e)):
+        torch.testing.assert_close(a, want, rtol=0, atol=1e-7)

@@ -2,15 +2,17 @@
 matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit backward passes."""
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major
-from amortized.linalg.kkt import SaddleFactor, factor_saddle
+from amortized.linalg.kkt import FixedRows, SaddleFactor, factor_saddle, fix_rows
 from amortized.linalg.matvec import bmv, brmv, inf_norm
 
 __all__ = [
     "cholesky",
     "cholesky_solve",
     "col_major",
+    "FixedRows",
     "SaddleFactor",
     "factor_saddle",
+    "fix_rows",
     "bmv",
     "brmv",
     "inf_norm",

@@ -6,13 +6,16 @@
 with H symmetric positive definite. Eliminating x gives the Schur complement
 S = C H⁻¹ Cᵀ + δI, also positive definite, so two batched Choleskys solve the system and a
 rank-deficient C only needs δ > 0. A diagonal H (given as its diagonal) needs no
-factorization: then only the k × k Schur complement is factored. This is the only linear
-algebra an interior point QP solver and its implicit backward need (OptNet, Amos & Kolter
-2017, sec. 3).
+factorization: then only the k × k Schur complement is factored. When the last rows of S
+stay fixed while the others' diagonal changes (the equality rows of an interior point
+method), they are eliminated once (`FixedRows`) and each new S factors only the rest.
+This is the only linear algebra an interior point QP solver and its implicit backward need
+(OptNet, Amos & Kolter 2017, sec. 3).
 """
 
 from dataclasses import dataclass
 
+import torch
 from torch import Tensor
 
 from amortized.linalg.cholesky import cholesky, cholesky_solve
@@ -20,15 +23,50 @@ from amortized.linalg.matvec import bmv, brmv
 
 
 @dataclass(frozen=True)
+class FixedRows:
+    """The last q rows of S = [[S₁₁, S₁₂], [S₂₁, N]] (k + q rows), eliminated once for all
+    the S₁₁ they will meet: L_N = chol(N) (B, q, q), S₁₂ (B, k, q), W = N⁻¹S₂₁ (B, q, k).
+    Each S then needs only the Cholesky of its k × k complement T = S₁₁ − S₁₂W."""
+
+    L_N: Tensor
+    S12: Tensor
+    W: Tensor
+
+    def index(self, idx: Tensor) -> "FixedRows":
+        return FixedRows(self.L_N[idx], self.S12[idx], self.W[idx])
+
+    def solve(self, L_T: Tensor, r: Tensor, keep: Tensor | None) -> Tensor:
+        """S⁻¹r for r (B, k + q), given L_T = chol(T); `keep` (B, k) zeroes the first
+        block's rows that are left out of the system."""
+        k = L_T.shape[-1]
+        u = cholesky_solve(self.L_N, r[..., k:])
+        r1 = r[..., :k] - bmv(self.S12, u)
+        y1 = cholesky_solve(L_T, r1 if keep is None else r1 * keep)
+        return torch.cat([y1, u - bmv(self.W, y1)], -1)
+
+
+def fix_rows(S: Tensor, k: int) -> tuple[FixedRows, Tensor, Tensor]:
+    """Eliminate the rows after the first k of S (B, k + q, k + q), whose N block must be
+    positive definite (regularized by the caller). Returns the `FixedRows`, T = S₁₁ − S₁₂W
+    (B, k, k), whose diagonal the caller adds to before factoring it, and ok (B,)."""
+    L_N, ok = cholesky(S[..., k:, k:])
+    S12 = S[..., :k, k:].contiguous()
+    W = cholesky_solve(L_N, S[..., k:, :k])
+    return FixedRows(L_N, S12, W), S[..., :k, :k] - S12 @ W, ok
+
+
+@dataclass(frozen=True)
 class SaddleFactor:
     """Factors of the saddle system. L_H: (B, n, n) the Cholesky factor of H, or (B, n) the
-    diagonal of a diagonal H; HinvCt: (B, n, k); L_S: (B, k, k); ok: (B,) whether both
-    factorizations succeeded."""
+    diagonal of a diagonal H; HinvCt: (B, n, k); L_S: (B, k, k), or with `fixed` rows the
+    factor of S's complement onto its first rows; ok: (B,) whether the factorizations
+    succeeded."""
 
     L_H: Tensor
     HinvCt: Tensor
     L_S: Tensor
     ok: Tensor
+    fixed: FixedRows | None = None
 
     def prepare(self, r1: Tensor) -> tuple[Tensor, Tensor]:
         """H⁻¹r1 and C H⁻¹r1, the part of a solve that depends on r1 alone (so several
@@ -44,13 +82,16 @@ class SaddleFactor:
         keep: Tensor | None = None,
     ) -> tuple[Tensor, Tensor]:
         """x (B, n), y (B, k) of the regularized system for right-hand sides r1, r2.
-        `prepared` = self.prepare(r1) if already computed; `keep` (B, k) bool zeroes y on
-        rows that are left out of the system."""
+        `prepared` = self.prepare(r1) if already computed; `keep` (B, ·) bool zeroes y on
+        rows of L_S that are left out of the system."""
         x0, CHr = self.prepare(r1) if prepared is None else prepared
         if r2.shape[-1] == 0:
             return x0, r2
         rhs = CHr - r2
-        y = cholesky_solve(self.L_S, rhs if keep is None else rhs * keep)
+        if self.fixed is not None:
+            y = self.fixed.solve(self.L_S, rhs, keep)
+        else:
+            y = cholesky_solve(self.L_S, rhs if keep is None else rhs * keep)
         return x0 - bmv(self.HinvCt, y), y
 
 

@@ -15,7 +15,8 @@ left out. Three factorizations, chosen per batch:
   every inequality row is eliminated per variable, exactly even at D = 0, and only the
   q × q Schur complement on the rows of A is factored (OptNet's Sudoku layer).
 * "dual": eliminate x with H = Q + ρI, factored once per solve together with
-  M = C H⁻¹ Cᵀ (C = [G; A]); each iteration only factors M + diag(D) ((m+q) × (m+q)).
+  M = C H⁻¹ Cᵀ (C = [G; A]) and its equality rows (M_AA + δI, which never change);
+  each iteration only factors the m × m rest, plus diag(D).
   Well conditioned at any λ/s, which float32 needs (qpth's elimination); needs Q
   comfortably positive definite.
 
@@ -30,6 +31,7 @@ import torch
 from torch import Tensor
 
 from amortized.linalg import (
+    FixedRows,
     SaddleFactor,
     bmv,
     brmv,
@@ -37,6 +39,7 @@ from amortized.linalg import (
     cholesky_solve,
     col_major,
     factor_saddle,
+    fix_rows,
     inf_norm,
 )
 from amortized.qp.problem import QPData
@@ -49,19 +52,23 @@ def regularization(dtype: torch.dtype) -> float:
 @dataclass(frozen=True)
 class DualBase:
     """What the dual elimination reuses across iterations: L_H = chol(Q + ρI) (B, n, n),
-    HinvCt = H⁻¹Cᵀ (B, n, m+q), M = C H⁻¹ Cᵀ (B, m+q, m+q) column-major. A base for some
-    of the problems (`index`) shares the full batch's M, whose `rows` it reads: M is only
-    ever copied into each factorization's S (`copy_M`), so it needs no copy of its own."""
+    HinvCt = H⁻¹Cᵀ (B, n, m+q), the equality rows of C H⁻¹ Cᵀ + diag(D, δ), which do not
+    change, eliminated once (`fixed`, None without equality rows), and M (B, m, m)
+    column-major, the inequality rows' complement that each iteration adds D to. A base for
+    some of the problems (`index`) shares the full batch's M, whose `rows` it reads: M is
+    only ever copied into each factorization's S (`copy_M`), so it needs no copy of its own."""
 
     L_H: Tensor
     HinvCt: Tensor
     M: Tensor
     ok: Tensor
+    fixed: FixedRows | None = None
     rows: Tensor | None = None
 
     def index(self, idx: Tensor) -> "DualBase":
         rows = idx if self.rows is None else self.rows[idx]
-        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M, self.ok[idx], rows)
+        fixed = None if self.fixed is None else self.fixed.index(idx)
+        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M, self.ok[idx], fixed, rows)
 
     def copy_M(self) -> Tensor:
         """A column-major copy of M (its `rows`), to be factored in place."""
@@ -69,14 +76,16 @@ class DualBase:
         return col_major(self.M) if self.rows is None else self.M[self.rows]
 
     def M_diag(self) -> Tensor:
-        """M's diagonal (B, m+q) (its `rows`), a view of M when there are no rows."""
+        """M's diagonal (B, m) (its `rows`), a view of M when there are no rows."""
         diag = self.M.diagonal(dim1=-2, dim2=-1)
         return diag if self.rows is None else diag[self.rows]
 
 
-def dual_base(d: QPData, rho: float) -> DualBase | None:
+def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
     """Factor Q + ρI once, or return None when Q is not comfortably positive definite
-    (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one."""
+    (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one.
+    The equality rows of C H⁻¹ Cᵀ get δ plus ε·max|diag|, grown as in `KKT._factor_dual`
+    where rounding leaves them indefinite (dependent rows of A), and are eliminated."""
     scale = 1 + inf_norm(d.Q, (-2, -1))
     H = col_major(d.Q)  # factored in place
     H.diagonal(dim1=-2, dim2=-1).add_(rho)
@@ -85,8 +94,20 @@ def dual_base(d: QPData, rho: float) -> DualBase | None:
     if not bool((ok & (pivot >= torch.finfo(d.Q.dtype).eps ** 0.5 * scale)).all()):
         return None
     HinvCt = cholesky_solve(L, d.C.mT)
-    # column-major, so that each iteration's copy of M is factored in place (`_factor_dual`)
-    return DualBase(L, HinvCt, col_major(d.C @ HinvCt), ok)
+    M = d.C @ HinvCt
+    B, n, m, q = d.shape
+    if not q:
+        # column-major, so that each iteration's copy of M is factored in place
+        return DualBase(L, HinvCt, col_major(M), ok)
+    diag = M.diagonal(dim1=-2, dim2=-1)[..., m:].clone()
+    floor = delta + torch.finfo(M.dtype).eps * diag.abs().amax(-1, keepdim=True)
+    for _ in range(3):
+        M.diagonal(dim1=-2, dim2=-1)[..., m:].copy_(diag + floor)
+        fixed, M_ineq, ok_N = fix_rows(M, m)
+        if bool(ok_N.all()):
+            break
+        floor = torch.where(ok_N.unsqueeze(-1), floor, floor * 30 * q)
+    return DualBase(L, HinvCt, col_major(M_ineq), ok & ok_N, fixed)
 
 
 class KKT:
@@ -159,15 +180,15 @@ class KKT:
         self.ok = self.factor.ok & torch.isfinite(self.Delta).all(-1)
 
     def _factor_dual(self, base: DualBase, delta: float) -> None:
-        d, D = self.d, self.D
+        D = self.D
         M_diag = base.M_diag()
         if self.active_set:
             # rows left out decouple: zero row and column of M, unit diagonal, zero right side
-            self.keep = torch.cat([~self.absent, torch.ones_like(d.b, dtype=torch.bool)], -1)
+            self.keep = ~self.absent
             M_diag = M_diag * self.keep
             D = torch.where(self.absent, 1.0, D)
         # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
-        # M + diag(D) indefinite when rows of C are (nearly) dependent
+        # M + diag(D) indefinite when rows of G are (nearly) dependent
         scale = (
             torch.finfo(D.dtype).eps * M_diag.abs().amax(-1, keepdim=True)
             if M_diag.shape[-1]
@@ -180,13 +201,12 @@ class KKT:
             S = base.copy_M()
             if self.active_set:
                 S.mul_(self.keep.unsqueeze(-1)).mul_(self.keep.unsqueeze(-2))
-            diag = torch.cat([torch.maximum(D, floor), floor.expand_as(d.b)], -1)
-            S.diagonal(dim1=-2, dim2=-1).copy_(M_diag + diag)
+            S.diagonal(dim1=-2, dim2=-1).copy_(M_diag + torch.maximum(D, floor))
             L_S, ok = cholesky(S, overwrite=True)
             if bool(ok.all()):
                 break
             boost = torch.where(ok.unsqueeze(-1), boost, boost * 30 * S.shape[-1])
-        self.factor = SaddleFactor(base.L_H, base.HinvCt, L_S, ok & base.ok)
+        self.factor = SaddleFactor(base.L_H, base.HinvCt, L_S, ok & base.ok, base.fixed)
         self.ok = self.factor.ok
 
     def _factor_primal(self, rho: float, delta: float) -> None:

@@ -441,7 +441,7 @@ def kkt_form(d: QPData) -> dict:
     B, n, m, q = d.shape
     rho = delta = regularization(d.p.dtype)
     use_dual = d.sep is None and (m + q <= 2 * n or d.p.dtype != torch.float64)
-    base: DualBase | None = dual_base(d, rho) if use_dual else None
+    base: DualBase | None = dual_base(d, rho, delta) if use_dual else None
     if base is None and d.sep is None:
         # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
         # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a

@@ -11,7 +11,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv
+from amortized.linalg import bmv, brmv, cholesky, col_major, inf_norm
 
 
 @dataclass(frozen=True)
@@ -174,11 +174,11 @@ def check_convex(Q: Tensor) -> None:
 
     'Clearly' means Q + τI has no Cholesky factor for τ = √ε·(1 + max|Q|): rounding-level
     negative eigenvalues of a PSD-singular Q (an LP has Q = 0) pass."""
-    scale = 1 + Q.abs().amax(dim=(-2, -1), keepdim=True)
-    tau = torch.finfo(Q.dtype).eps ** 0.5 * scale
-    eye = torch.eye(Q.shape[-1], dtype=Q.dtype, device=Q.device)
-    _, info = torch.linalg.cholesky_ex(Q + tau * eye)
-    bad = (info != 0).reshape(-1)
+    Q = Q.detach()
+    tau = torch.finfo(Q.dtype).eps ** 0.5 * (1 + inf_norm(Q, (-2, -1)))
+    H = col_major(Q)  # Q + τI, factored in place
+    H.diagonal(dim1=-2, dim2=-1).add_(tau.unsqueeze(-1))
+    bad = ~cholesky(H, overwrite=True)[1].reshape(-1)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()[:10]
         lo = torch.linalg.eigvalsh(Q.reshape(-1, *Q.shape[-2:])[bad]).amin().item()
