@@ -366,7 +366,8 @@ def pdipm(
             rel = res.relative
             if eps_polish > eps:
                 # retry a failed polish only after a tenfold progress
-                ready = w.running & (rel <= eps_polish) & (rel <= 0.1 * w.tried)
+                fresh = w.running & (rel <= 0.1 * w.tried)
+                ready = fresh & (rel <= eps_polish)
                 # each polish is a factorization and some 150 small ops: wait for half the
                 # running problems, unless a ready one has waited a check (it is then 100×
                 # past eps_polish: Mehrotra converges superlinearly)
@@ -374,6 +375,10 @@ def pdipm(
                 if n_ready and (
                     2 * n_ready >= int(w.running.sum()) or bool((rel[ready] <= 0.01 * eps_polish).any())
                 ):
+                    # then try every problem within 100·eps_polish too: the polish checks its
+                    # answers, and those close to it are mostly right, which spares them the
+                    # iterations and the later polish calls that would otherwise wait for them
+                    ready = fresh & (rel <= 100 * eps_polish)
                     w.tried = torch.where(ready, rel, w.tried)
                     w.it, D_act, done = _polish(w.d, w.sc, w.it, ready, eps, eps_abs, w.kkt_args)
                     polish_D[idx[done]] = D_act[done]
