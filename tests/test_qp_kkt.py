@@ -5,7 +5,7 @@ import torch
 
 from amortized.linalg import cholesky, col_major
 from amortized.problems.random_qp import random_qp
-from amortized.qp.kkt import kkt_conditions, kkt_transpose_product
+from amortized.qp.kkt import kkt_conditions, kkt_parameter_vjp, kkt_transpose_product
 from amortized.qp.kkt_system import KKT
 from amortized.qp.pdipm import kkt_form, scaled
 from amortized.qp.problem import qp_data
@@ -23,27 +23,31 @@ def _reference_kkt(z, lam, nu, Q, p, G, h, A, b):
 
 
 @pytest.mark.parametrize("batch", ["per-problem", "shared", "batch-of-one"])
-def test_kkt_conditions_value_and_gradients_match_the_plain_formula(batch):
+def test_kkt_conditions_and_parameter_vjp_match_the_plain_formula(batch):
+    """F's value, and the closed-form parameter cotangents the implicit backward uses,
+    against autograd through F written plainly (broadcast parameters: summed gradients)."""
     g = torch.Generator().manual_seed(0)
     B, n, m, q = 4, 6, 5, 2
     r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
     lead = {"per-problem": (B,), "shared": (), "batch-of-one": (1,)}[batch]
     params = [r(*lead, n, n), r(B, n), r(*lead, m, n), r(B, m), r(*lead, q, n), r(B, q)]
+    if batch == "shared":
+        params[1], params[3] = r(n), r(m)  # vectors shared too
     ys = [r(B, n), r(B, m), r(B, q)]
-    cot = [r(B, n), r(B, m), r(B, q)]
+    cot = (r(B, n), r(B, m), r(B, q))
 
-    def grads(F):
-        inputs = [x.clone().requires_grad_() for x in ys + params]
-        out = F(*inputs)
-        return out, torch.autograd.grad(out, inputs, cot)
-
-    out, got = grads(kkt_conditions)
-    ref_out, want = grads(_reference_kkt)
-    for a, b in zip(out + got, ref_out + want):
+    leaves = [x.clone().requires_grad_() for x in params]
+    ref_out = _reference_kkt(*ys, *leaves)
+    want = torch.autograd.grad(ref_out, leaves, cot)
+    for a, b in zip(kkt_conditions(*ys, *params), ref_out):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    got = kkt_parameter_vjp(*ys, params, cot, [0, 1, 2, 3, 4, 5])
+    for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    dQ = got[3]
-    assert torch.equal(dQ, dQ.mT)  # F reads only Q's symmetric part
+    assert torch.equal(got[0], got[0].mT)  # F reads only Q's symmetric part
+    some = kkt_parameter_vjp(*ys, params, cot, [3, 0])  # only those asked for, in that order
+    assert [x.shape for x in some] == [params[3].shape, params[0].shape]
 
 
 @pytest.mark.parametrize("batch", ["per-problem", "shared"])

@@ -89,10 +89,13 @@ class _Spec:
     solve(matvec, v, precond) -> u; refine: iterative-refinement steps; n_pre: leading inputs
     (an initial guess, or the solution itself) that get no gradient; single: whether M acts
     on one tensor rather than a tuple; build(y, params) -> Preconditioner | None makes one
-    in the backward instead (nothing kept); vjp_y(ys, params, u) -> (∂F/∂y)ᵀu in closed
-    form, used instead of torch.func.vjp of F."""
+    in the backward instead (nothing kept); vjp_y(ys, params, u) -> (∂F/∂y)ᵀu and
+    vjp_p(ys, params, w, wanted) -> [(∂F/∂θ_i)ᵀw for i in wanted], closed forms used
+    instead of torch.func.vjp of F."""
 
-    def __init__(self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None, vjp_y=None):
+    def __init__(
+        self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None, vjp_y=None, vjp_p=None
+    ):
         self.run, self.F, self.solve, self.refine, self.n_pre, self.single = (
             run,
             F,
@@ -101,7 +104,7 @@ class _Spec:
             n_pre,
             single,
         )
-        self.build, self.vjp_y = build, vjp_y
+        self.build, self.vjp_y, self.vjp_p = build, vjp_y, vjp_p
         self.n_y = 0
         self.apply: Callable | None = None
 
@@ -188,9 +191,13 @@ class _Implicit(torch.autograd.Function):
             JTu = matvec(u)
             du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)), precond)
             u = tuple(ui + di for ui, di in zip(u, du, strict=False))
-        with torch.enable_grad():
-            _, vjp_p = torch.func.vjp(lambda ps_: F_of(ys_d, ps_), ps_d)
-        (grads,) = vjp_p(tuple(-ui for ui in u))
+        w = tuple(-ui for ui in u)
+        if spec.vjp_p is None:
+            with torch.enable_grad():
+                _, vjp_p = torch.func.vjp(lambda ps_: F_of(ys_d, ps_), ps_d)
+            (grads,) = vjp_p(w)
+        else:
+            grads = spec.vjp_p(ys_d, params, w, wanted)
         for i, g in zip(wanted, grads, strict=False):
             out[i] = g
         return (None,) * offset + tuple(out)
@@ -216,6 +223,7 @@ def implicit_root(
     *,
     refine: int = 1,
     vjp_y: Callable[[Tensors, list, Tensors], Tensors] | None = None,
+    vjp_p: Callable[[Tensors, list, Tensors, list[int]], Sequence[Tensor]] | None = None,
 ) -> Tensors:
     """Attach implicit gradients to a solution computed elsewhere.
 
@@ -224,16 +232,18 @@ def implicit_root(
     their gradients are summed over it). solve_transpose(v) returns u with
     (∂F/∂y)ᵀ u ≈ v for a tuple v shaped like ys (e.g. from a factorization reused from the
     forward pass). `refine` iterative-refinement steps correct u against the exact
-    Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given
-    (a closed form spares linearizing F through torch.func, most of a small problem's
-    backward). Returns ys, now differentiable w.r.t. params.
+    Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given.
+    The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
+    vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
+    (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
+    small problem's backward. Returns ys, now differentiable w.r.t. params.
     """
     n_y = len(ys)
 
     def run(*inputs):
         return inputs[:n_y]
 
-    spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y)
+    spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y, vjp_p=vjp_p)
     return _Implicit.apply(spec, *ys, *params)[:n_y]
 
 

@@ -10,7 +10,7 @@ from amortized.implicit import implicit_root
 from amortized.linalg import bmv
 from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
-from amortized.qp.kkt import kkt_conditions, kkt_transpose_product, transpose_solver
+from amortized.qp.kkt import kkt_conditions, kkt_parameter_vjp, kkt_transpose_product, transpose_solver
 from amortized.qp.pdipm import pdipm
 from amortized.qp.problem import QPData, check_convex, qp_data
 from amortized.qp.status import QPStatus
@@ -150,6 +150,7 @@ def solve_qp(
             params,
             refine=2,
             vjp_y=vjp_y,
+            vjp_p=lambda ys, params, w, wanted: kkt_parameter_vjp(*ys, params, w, wanted),
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
