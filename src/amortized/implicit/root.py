@@ -160,8 +160,8 @@ class _Implicit(torch.autograd.Function):
         ps_d = tuple(params[i].detach() for i in wanted)
         # Two linearizations of F: one in y alone for the solve's matvecs, so that no
         # iteration computes the parameter cotangents it would throw away (for a layer's
-        # weights they cost as much as the y-product), and one in θ for the final vjp.
-        # A closed-form y-product (spec.vjp_y) replaces the first.
+        # weights they cost as much as the y-product), and one in θ for the final vjp;
+        # closed forms (spec.vjp_y, spec.vjp_p) replace them where given.
         if spec.vjp_y is None:
             with torch.enable_grad():
                 _, vjp_y = torch.func.vjp(lambda ys_: F_of(ys_, ps_d), ys_d)

@@ -39,21 +39,24 @@ def kkt_parameter_vjp(z, lam, nu, params, w, wanted) -> list[Tensor]:
 
     each summed over the batch where its parameter is shared. Each matrix gradient is one
     batched product (`_outer_sum`), and no symmetrized Q is formed."""
+    Q, p, G, h, A, b = params
     w_z, w_lam, w_nu = w
     lam_w = lam * w_lam
+    # y w_zᵀ + w_y zᵀ = [y w_y][w_z z]ᵀ, one product
+    outer2 = lambda M, y, w_y: _outer_sum(M, torch.stack([y, w_y], -1), torch.stack([w_z, z], -2))
+    grads = {
+        0: lambda: _symmetric(_outer_sum(Q, w_z.unsqueeze(-1), z.unsqueeze(-2))),
+        1: lambda: w_z.sum_to_size(p.shape),
+        2: lambda: outer2(G, lam, lam_w),
+        3: lambda: (-lam_w).sum_to_size(h.shape),
+        4: lambda: outer2(A, nu, w_nu),
+        5: lambda: (-w_nu).sum_to_size(b.shape),
+    }
+    return [grads[i]() for i in wanted]
 
-    def grad(i: int) -> Tensor:
-        M = params[i]
-        if i == 0:
-            P = _outer_sum(M, w_z.unsqueeze(-1), z.unsqueeze(-2))
-            return (P + P.mT).mul_(0.5)
-        if i in (2, 4):
-            y, w_y = (lam, lam_w) if i == 2 else (nu, w_nu)
-            return _outer_sum(M, torch.stack([y, w_y], -1), torch.stack([w_z, z], -2))
-        g = {1: w_z, 3: -lam_w, 5: -w_nu}[i]
-        return g.sum_to_size(M.shape)
 
-    return [grad(i) for i in wanted]
+def _symmetric(P: Tensor) -> Tensor:
+    return (P + P.mT).mul_(0.5)
 
 
 def _outer_sum(M: Tensor, U: Tensor, V: Tensor) -> Tensor:

@@ -142,7 +142,7 @@ def solve_qp(
     params = [Q, p, G, h, A, b]
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
         params = [x if x is not None and x.numel() else None for x in params]
-        F, vjp_y = _kkt_with_defaults(B, n, p)
+        F, vjp_y, vjp_p = _kkt_with_defaults(B, n, p)
         z, lam, nu = implicit_root(
             F,
             _warn_unsolved(transpose_solver(r, s, lam, solved), solved),
@@ -150,7 +150,7 @@ def solve_qp(
             params,
             refine=2,
             vjp_y=vjp_y,
-            vjp_p=lambda ys, params, w, wanted: kkt_parameter_vjp(*ys, params, w, wanted),
+            vjp_p=vjp_p,
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
@@ -211,8 +211,9 @@ def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
 
 
 def _kkt_with_defaults(B: int, n: int, like: Tensor):
-    """kkt_conditions and its transposed Jacobian product (ys, params, u) -> (∂F/∂y)ᵀu,
-    with absent (None) constraint blocks filled by empty tensors."""
+    """kkt_conditions and its closed-form products (ys, params, u) -> (∂F/∂y)ᵀu and
+    (ys, params, w, wanted) -> (∂F/∂θ_i)ᵀw, with absent (None) constraint blocks filled by
+    empty tensors (they are never `wanted`)."""
     empty_M, empty_v = like.new_zeros(B, 0, n), like.new_zeros(B, 0)
 
     def filled(Q, p, G, h, A, b):
@@ -228,7 +229,10 @@ def _kkt_with_defaults(B: int, n: int, like: Tensor):
     def vjp_y(ys, params, u):
         return kkt_transpose_product(*ys, *filled(*params), u)
 
-    return F, vjp_y
+    def vjp_p(ys, params, w, wanted):
+        return kkt_parameter_vjp(*ys, filled(*params), w, wanted)
+
+    return F, vjp_y, vjp_p
 
 
 def _warn_unsolved(solve, solved: Tensor):
