@@ -222,14 +222,14 @@ class Residuals:
         return (self._worst / (1 + scale)).amax(0)
 
 
-def newton(
-    kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int, low: Tensor | None = None
-) -> Iterate:
+def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, low: Tensor | None = None) -> Iterate:
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz. `low` (B, m): the rows s < λ
     (given when the caller shares it between the predictor and the corrector)."""
     s, lam = it.s, it.lam
-    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / lam - res.r_i, res.neg_r_e, refine)
+    # unrefined, in float32 too: convergence is judged on true residuals, and the polish
+    # refines its own solves
+    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / lam - res.r_i, res.neg_r_e, refine=0)
     # on rows with s < λ the KKT solve's rounding error (relative to |r_c/λ − r_i|) can
     # exceed s itself and block the step: take ds from the linearized complementarity
     # −(r_c + s∘dλ)/λ instead, which moves that error into the primal residual
@@ -338,8 +338,6 @@ def pdipm(
     # directions where Q + GᵀWG is singular (LPs whose iterates must travel far along a
     # nearly free face): its ρ (per problem) falls with μ down to the dual form's value
     rho_min = regularization(dtype)
-    # Newton directions need not be exact (convergence is judged on true residuals)
-    refine = 0 if dtype == torch.float64 else 1
     eps_inf = max(1e-6, finfo.eps**0.5)
     # the polish takes over from a loose tolerance: the interior point method need not
     # push λ/s to the extremes where its systems lose accuracy
@@ -414,7 +412,7 @@ def pdipm(
         run = w.running if all_ok else w.running & ok
         w.iters = w.iters + run
         mu = None if w.rho is None else _mu(w.it)
-        w.it, finite = _mehrotra_step(kkt, w.it, res, run, refine, floor)
+        w.it, finite = _mehrotra_step(kkt, w.it, res, run, floor)
         del kkt  # its factor goes before the next one (or the polish's) is formed
         if not all_ok or finite is not None:
             # a failed factorization or a non-finite step: NUMERICAL
@@ -574,7 +572,7 @@ def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:
 
 
 def _mehrotra_step(
-    kkt: KKT, it: Iterate, res: Residuals, running: Tensor, refine: int, floor: float
+    kkt: KKT, it: Iterate, res: Residuals, running: Tensor, floor: float
 ) -> tuple[Iterate, Tensor | None]:
     """One predictor-corrector step of the running problems (the others do not move).
     Also returns which steps were finite (B,), or None when all were; a problem with a
@@ -582,15 +580,15 @@ def _mehrotra_step(
     if it.s.shape[-1]:
         s, lam = it.s, it.lam
         sl, low = s * lam, s < lam
-        aff = newton(kkt, it, res, sl, refine, low)
+        aff = newton(kkt, it, res, sl, low)
         mu = sl.mean(-1, keepdim=True)
         a_aff = _step_length(it, aff).unsqueeze(-1)
         mu_aff = ((s + a_aff * aff.s) * (lam + a_aff * aff.lam)).mean(-1, keepdim=True)
         sigma = (mu_aff / mu).clamp(max=1.0) ** 3
-        step = newton(kkt, it, res, sl + aff.s * aff.lam - sigma * mu, refine, low)
+        step = newton(kkt, it, res, sl + aff.s * aff.lam - sigma * mu, low)
         alpha = 0.99 * _step_length(it, step)
     else:
-        step = newton(kkt, it, res, it.s * it.lam, refine)
+        step = newton(kkt, it, res, it.s * it.lam)
         alpha = it.z.new_ones(it.z.shape[0])
     finite = torch.isfinite(torch.cat(step.fields(), -1).sum(-1) + alpha)
     if bool(finite.all()):
