@@ -369,14 +369,20 @@ def pdipm(
                 # each polish is a factorization and some 150 small ops: wait for half the
                 # running problems, unless a ready one has waited a check (it is then 100×
                 # past eps_polish: Mehrotra converges superlinearly)
-                n_ready = int(ready.sum())
-                if n_ready and (
-                    2 * n_ready >= int(w.running.sum()) or bool((rel[ready] <= 0.01 * eps_polish).any())
-                ):
+                n_ready, n_run = int(ready.sum()), int(w.running.sum())
+                if n_ready and (2 * n_ready >= n_run or bool((rel[ready] <= 0.01 * eps_polish).any())):
                     # then try every problem within 100·eps_polish too: the polish checks its
                     # answers, and those close to it are mostly right, which spares them the
                     # iterations and the later polish calls that would otherwise wait for them
                     ready = fresh & (rel <= 100 * eps_polish)
+                elif 8 * n_run <= B and bool(fresh.any()):
+                    # when few are left (an eighth of the batch), each check tries them all:
+                    # their factorization is cheap, while each of their iterations costs the
+                    # whole batch's op overhead
+                    ready = fresh
+                else:
+                    ready = None
+                if ready is not None:
                     w.tried = torch.where(ready, rel, w.tried)
                     w.it, D_act, done = _polish(w.d, w.sc, w.it, ready, eps, eps_abs, w.kkt_args)
                     polish_D[idx[done]] = D_act[done]
