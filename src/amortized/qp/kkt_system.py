@@ -97,8 +97,9 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
     M = d.C @ HinvCt
     B, n, m, q = d.shape
     if not q:
-        # column-major, so that each iteration's copy of M is factored in place
-        return DualBase(L, HinvCt, col_major(M), ok)
+        # column-major, so that each iteration's copy of M is factored in place: M is
+        # symmetric, so its transpose view is M itself (to rounding), without a copy
+        return DualBase(L, HinvCt, M.mT, ok)
     diag = M.diagonal(dim1=-2, dim2=-1)[..., m:].clone()
     floor = delta + torch.finfo(M.dtype).eps * diag.abs().amax(-1, keepdim=True)
     for _ in range(3):
@@ -107,7 +108,7 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
         if bool(ok_N.all()):
             break
         floor = torch.where(ok_N.unsqueeze(-1), floor, floor * 30 * q)
-    return DualBase(L, HinvCt, col_major(M_ineq), ok & ok_N, fixed)
+    return DualBase(L, HinvCt, M_ineq.mT, ok & ok_N, fixed)
 
 
 class KKT:
