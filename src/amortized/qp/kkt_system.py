@@ -97,9 +97,8 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
     M = d.C @ HinvCt
     B, n, m, q = d.shape
     if not q:
-        # column-major, so that each iteration's copy of M is factored in place: M is
-        # symmetric, so its transpose view is M itself (to rounding), without a copy
-        return DualBase(L, HinvCt, M.mT, ok)
+        # column-major, so that each iteration's copy of M is factored in place
+        return DualBase(L, HinvCt, col_major(M), ok)
     diag = M.diagonal(dim1=-2, dim2=-1)[..., m:].clone()
     floor = delta + torch.finfo(M.dtype).eps * diag.abs().amax(-1, keepdim=True)
     for _ in range(3):
@@ -108,7 +107,7 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
         if bool(ok_N.all()):
             break
         floor = torch.where(ok_N.unsqueeze(-1), floor, floor * 30 * q)
-    return DualBase(L, HinvCt, M_ineq.mT, ok & ok_N, fixed)
+    return DualBase(L, HinvCt, col_major(M_ineq), ok & ok_N, fixed)
 
 
 class KKT:
@@ -234,9 +233,11 @@ class KKT:
             self.factor = factor_saddle(H, d.A, delta)
         self.ok = self.factor.ok
 
-    def apply(self, x: Tensor, y_i: Tensor, y_e: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The exact (unregularized) operator."""
-        d = self.d
+    def apply(
+        self, x: Tensor, y_i: Tensor, y_e: Tensor, d: QPData | None = None
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """The exact (unregularized) operator, with the data d (default: the factored ones)."""
+        d = self.d if d is None else d
         if self.active_set:
             r_i = torch.where(self.absent, 0.0, d.Gx(x) - torch.where(self.absent, 0.0, self.D) * y_i)
         else:
@@ -277,19 +278,34 @@ class KKT:
         x, y_e = self.factor.solve(r1, r_e)
         return x, self.W * (bmv(self.d.G, x) - r_i), y_e
 
-    def solve(self, r1: Tensor, r_i: Tensor, r_e: Tensor, refine: int = 1, until_noise: bool = False):
+    def solve(
+        self,
+        r1: Tensor,
+        r_i: Tensor,
+        r_e: Tensor,
+        refine: int = 1,
+        until_noise: bool = False,
+        wide: bool = False,
+    ):
         """(x, y_i, y_e), refined `refine` times against the exact operator. `until_noise`:
         stop earlier once every problem's correction is at the noise floor of refinement
         (100ε relative to the solution's size, what the third of three steps measures on
-        random QPs): further steps only move rounding errors, at a residual and a solve each."""
+        random QPs): further steps only move rounding errors, at a residual and a solve each.
+        `wide`: residuals and sums in float64 (mixed-precision refinement), so a float32
+        factor gives answers accurate to float32 where cond·ε₃₂ < 1, not cond·ε₃₂."""
         x, y_i, y_e = self._solve_once(r1, r_i, r_e)
         tol = 100 * torch.finfo(r1.dtype).eps
+        dtype, d = r1.dtype, self.d
+        if wide and dtype != torch.float64:
+            d = d.to(torch.float64)
+            r1, r_i, r_e, x, y_i, y_e = (t.double() for t in (r1, r_i, r_e, x, y_i, y_e))
         for _ in range(refine):
-            a1, a_i, a_e = self.apply(x, y_i, y_e)
-            dx, dy_i, dy_e = self._solve_once(r1 - a1, r_i - a_i, r_e - a_e)
+            a1, a_i, a_e = self.apply(x, y_i, y_e, d)
+            res = (r1 - a1, r_i - a_i, r_e - a_e)
+            dx, dy_i, dy_e = self._solve_once(*(t.to(dtype) for t in res))
             x, y_i, y_e = x + dx, y_i + dy_i, y_e + dy_e
             if until_noise:
                 corr, sol = torch.cat([dx, dy_i, dy_e], -1), torch.cat([x, y_i, y_e], -1)
                 if bool((corr.abs().amax(-1) <= tol * (1 + sol.abs().amax(-1))).all()):
                     break
-        return x, y_i, y_e
+        return x.to(dtype), y_i.to(dtype), y_e.to(dtype)

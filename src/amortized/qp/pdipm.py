@@ -637,7 +637,9 @@ def _polish(
         D_sub = torch.zeros_like(hard[todo], dtype=z.dtype).masked_fill(~hard[todo], torch.inf)
         pk = KKT(sub, D_sub, active_set=True, **args)  # D: 0 equality, ∞ dropped
         # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        z_t, lam_t, nu_t = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine, until_noise=True)
+        # in float64 residuals: a float32 polish would otherwise stop at cond·ε₃₂ (ill-
+        # conditioned Q, large z), fail its check, and leave the problem to the iterations
+        z_t, lam_t, nu_t = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine, until_noise=True, wide=True)
         Gz = sub.Gx(z_t)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong

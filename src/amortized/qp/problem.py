@@ -46,6 +46,11 @@ class QPData:
         sep = None if self.sep is None else self.sep.index(idx)
         return QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)), sep=sep)
 
+    def to(self, dtype: torch.dtype) -> "QPData":
+        """The same data in another dtype."""
+        sep = self.sep and Separable(self.sep.q.to(dtype), self.sep.g.to(dtype), self.sep.col)
+        return QPData(*(x.to(dtype) for x in (self.Q, self.p, self.G, self.h, self.A, self.b)), sep=sep)
+
     def separated(self) -> "QPData":
         """The same data with `sep` set when Q is diagonal and every row of G has at most
         one nonzero in every problem (so Q + GᵀWG is diagonal for any W). The first problem
