@@ -8,7 +8,7 @@ from amortized.problems.random_qp import random_qp
 from amortized.qp.kkt import kkt_conditions, kkt_parameter_vjp, kkt_transpose_product
 from amortized.qp.kkt_system import KKT
 from amortized.qp.pdipm import kkt_form, scaled
-from amortized.qp.problem import qp_data
+from amortized.qp.problem import QPData, qp_data
 
 
 def _reference_kkt(z, lam, nu, Q, p, G, h, A, b):
@@ -177,3 +177,24 @@ def test_wide_refinement_makes_a_float32_factor_accurate_to_float32():
         assert got.dtype == torch.float32
         err[wide] = ((got.double() - want).abs().amax(-1) / want.abs().amax(-1)).max().item()
     assert err[True] <= 3e-7 and err[True] < err[False] / 5
+
+
+def test_dual_form_factors_inequality_rows_that_repeat_equality_rows():
+    """Rows of G equal to rows of A leave the eliminated inequality block with a tiny
+    diagonal but rounding of the size of C H⁻¹ Cᵀ's: its δ floor must be scaled by the
+    latter (`DualBase.M_max`), or the float32 factorization fails."""
+    g = torch.Generator().manual_seed(0)
+    B, n, m, q = 200, 10, 4, 4
+    A = 100 * torch.randn(B, q, n, generator=g)
+    data = QPData(
+        torch.eye(n).expand(B, n, n),
+        torch.randn(B, n, generator=g),
+        A.clone(),
+        torch.zeros(B, m),
+        A,
+        torch.zeros(B, q),
+    )
+    args = kkt_form(data)
+    assert args["base"] is not None and args["base"].fixed is not None
+    for D in (1e-2, 1e-5, 1e-8):
+        assert KKT(data, torch.full((B, m), D), **args).ok.all()

@@ -169,9 +169,11 @@ class _Implicit(torch.autograd.Function):
             def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
                 return vjp_y(u)[0]
         else:
+            # the closed forms get detached data, as torch.func.vjp's linearizations do
+            params_d = [p.detach() if isinstance(p, Tensor) else p for p in params]
 
             def matvec(u: Tensors) -> Tensors:
-                return tuple(spec.vjp_y(ys_d, params, u))
+                return tuple(spec.vjp_y(ys_d, params_d, u))
 
         M, single = None, spec.single()
         if spec.apply is not None:
@@ -197,7 +199,7 @@ class _Implicit(torch.autograd.Function):
                 _, vjp_p = torch.func.vjp(lambda ps_: F_of(ys_d, ps_), ps_d)
             (grads,) = vjp_p(w)
         else:
-            grads = spec.vjp_p(ys_d, params, w, wanted)
+            grads = spec.vjp_p(ys_d, [p.detach() if isinstance(p, Tensor) else p for p in params], w, wanted)
         for i, g in zip(wanted, grads, strict=False):
             out[i] = g
         return (None,) * offset + tuple(out)
@@ -236,7 +238,9 @@ def implicit_root(
     The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
     vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
     (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
-    small problem's backward. Returns ys, now differentiable w.r.t. params.
+    small problem's backward. Returns ys, now differentiable w.r.t. params (first order:
+    the backward is not itself differentiated, so create_graph=True gives wrong second
+    derivatives; torch.func.grad / jacrev of first derivatives work).
     """
     n_y = len(ys)
 

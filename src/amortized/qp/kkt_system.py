@@ -54,13 +54,16 @@ class DualBase:
     """What the dual elimination reuses across iterations: L_H = chol(Q + ρI) (B, n, n),
     HinvCt = H⁻¹Cᵀ (B, n, m+q), the equality rows of C H⁻¹ Cᵀ + diag(D, δ), which do not
     change, eliminated once (`fixed`, None without equality rows), and M (B, m, m)
-    column-major, the inequality rows' complement that each iteration adds D to. A base for
-    some of the problems (`index`) shares the full batch's M, whose `rows` it reads: M is
-    only ever copied into each factorization's S (`copy_M`), so it needs no copy of its own."""
+    column-major, the inequality rows' complement that each iteration adds D to; M_max (B,)
+    the largest diagonal entry of C H⁻¹ Cᵀ, whose ε-multiple is the rounding left in M (the
+    elimination can leave M's own diagonal far smaller). A base for some of the problems
+    (`index`) shares the full batch's M, whose `rows` it reads: M is only ever copied into
+    each factorization's S (`copy_M`), so it needs no copy of its own."""
 
     L_H: Tensor
     HinvCt: Tensor
     M: Tensor
+    M_max: Tensor
     ok: Tensor
     fixed: FixedRows | None = None
     rows: Tensor | None = None
@@ -68,7 +71,7 @@ class DualBase:
     def index(self, idx: Tensor) -> "DualBase":
         rows = idx if self.rows is None else self.rows[idx]
         fixed = None if self.fixed is None else self.fixed.index(idx)
-        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M, self.ok[idx], fixed, rows)
+        return DualBase(self.L_H[idx], self.HinvCt[idx], self.M, self.M_max[idx], self.ok[idx], fixed, rows)
 
     def copy_M(self) -> Tensor:
         """A column-major copy of M (its `rows`), to be factored in place."""
@@ -96,18 +99,19 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
     HinvCt = cholesky_solve(L, d.C.mT)
     M = d.C @ HinvCt
     B, n, m, q = d.shape
+    M_max = M.diagonal(dim1=-2, dim2=-1).abs().amax(-1) if m + q else M.new_zeros(B)
     if not q:
         # column-major, so that each iteration's copy of M is factored in place
-        return DualBase(L, HinvCt, col_major(M), ok)
+        return DualBase(L, HinvCt, col_major(M), M_max, ok)
     diag = M.diagonal(dim1=-2, dim2=-1)[..., m:].clone()
-    floor = delta + torch.finfo(M.dtype).eps * diag.abs().amax(-1, keepdim=True)
+    floor = delta + torch.finfo(M.dtype).eps * M_max.unsqueeze(-1)
     for _ in range(3):
         M.diagonal(dim1=-2, dim2=-1)[..., m:].copy_(diag + floor)
         fixed, M_ineq, ok_N = fix_rows(M, m)
         if bool(ok_N.all()):
             break
         floor = torch.where(ok_N.unsqueeze(-1), floor, floor * 30 * q)
-    return DualBase(L, HinvCt, col_major(M_ineq), ok & ok_N, fixed)
+    return DualBase(L, HinvCt, col_major(M_ineq), M_max, ok & ok_N, fixed)
 
 
 class KKT:
@@ -187,13 +191,9 @@ class KKT:
             self.keep = ~self.absent
             M_diag = M_diag * self.keep
             D = torch.where(self.absent, 1.0, D)
-        # δ grows with M's diagonal until the Cholesky succeeds: rounding can make
-        # M + diag(D) indefinite when rows of G are (nearly) dependent
-        scale = (
-            torch.finfo(D.dtype).eps * M_diag.abs().amax(-1, keepdim=True)
-            if M_diag.shape[-1]
-            else M_diag.new_zeros(M_diag.shape[0], 1)
-        )
+        # δ grows with C H⁻¹ Cᵀ's diagonal until the Cholesky succeeds: rounding can make
+        # M + diag(D) indefinite when rows of C are (nearly) dependent
+        scale = torch.finfo(D.dtype).eps * base.M_max.unsqueeze(-1)
         boost = torch.ones_like(scale)
         for _ in range(3):
             floor = delta + boost * scale

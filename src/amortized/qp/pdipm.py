@@ -222,14 +222,14 @@ class Residuals:
         return (self._worst / (1 + scale)).amax(0)
 
 
-def newton(kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, low: Tensor | None = None) -> Iterate:
+def newton(
+    kkt: KKT, it: Iterate, res: Residuals, r_c: Tensor, refine: int, low: Tensor | None = None
+) -> Iterate:
     """Newton direction with λ∘ds + s∘dλ = −r_c and the primal/dual residuals of `res`:
     G dz − (s/λ)∘dλ = r_c/λ − r_i, then ds = −r_i − G dz. `low` (B, m): the rows s < λ
     (given when the caller shares it between the predictor and the corrector)."""
     s, lam = it.s, it.lam
-    # unrefined, in float32 too: convergence is judged on true residuals, and the polish
-    # refines its own solves
-    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / lam - res.r_i, res.neg_r_e, refine=0)
+    dz, dlam, dnu = kkt.solve(res.neg_r_d, r_c / lam - res.r_i, res.neg_r_e, refine)
     # on rows with s < λ the KKT solve's rounding error (relative to |r_c/λ − r_i|) can
     # exceed s itself and block the step: take ds from the linearized complementarity
     # −(r_c + s∘dλ)/λ instead, which moves that error into the primal residual
@@ -355,6 +355,10 @@ def pdipm(
     idx = torch.arange(B, device=d.p.device)
     # only the dense primal form relaxes its ρ (the dual and separable forms' is already small)
     dense_primal = kkt_args["base"] is None and d.sep is None
+    # Newton directions need not be exact (convergence is judged on true residuals, and the
+    # polish refines its own solves), except in float32's dense primal form, whose large
+    # ρ, δ and squared conditioning fail more problems without a refinement step
+    refine = 1 if dense_primal and dtype != torch.float64 else 0
     w_rho = torch.full((B,), rho, dtype=dtype, device=d.p.device) if dense_primal else None
     w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried, w_rho)
 
@@ -418,7 +422,7 @@ def pdipm(
         run = w.running if all_ok else w.running & ok
         w.iters = w.iters + run
         mu = None if w.rho is None else _mu(w.it)
-        w.it, finite = _mehrotra_step(kkt, w.it, res, run, floor)
+        w.it, finite = _mehrotra_step(kkt, w.it, res, run, refine, floor)
         del kkt  # its factor goes before the next one (or the polish's) is formed
         if not all_ok or finite is not None:
             # a failed factorization or a non-finite step: NUMERICAL
@@ -578,7 +582,7 @@ def _accurate(kkt: KKT, it: Iterate, res: Residuals, rho: Tensor) -> Tensor:
 
 
 def _mehrotra_step(
-    kkt: KKT, it: Iterate, res: Residuals, running: Tensor, floor: float
+    kkt: KKT, it: Iterate, res: Residuals, running: Tensor, refine: int, floor: float
 ) -> tuple[Iterate, Tensor | None]:
     """One predictor-corrector step of the running problems (the others do not move).
     Also returns which steps were finite (B,), or None when all were; a problem with a
@@ -586,15 +590,15 @@ def _mehrotra_step(
     if it.s.shape[-1]:
         s, lam = it.s, it.lam
         sl, low = s * lam, s < lam
-        aff = newton(kkt, it, res, sl, low)
+        aff = newton(kkt, it, res, sl, refine, low)
         mu = sl.mean(-1, keepdim=True)
         a_aff = _step_length(it, aff).unsqueeze(-1)
         mu_aff = ((s + a_aff * aff.s) * (lam + a_aff * aff.lam)).mean(-1, keepdim=True)
         sigma = (mu_aff / mu).clamp(max=1.0) ** 3
-        step = newton(kkt, it, res, sl + aff.s * aff.lam - sigma * mu, low)
+        step = newton(kkt, it, res, sl + aff.s * aff.lam - sigma * mu, refine, low)
         alpha = 0.99 * _step_length(it, step)
     else:
-        step = newton(kkt, it, res, it.s * it.lam)
+        step = newton(kkt, it, res, it.s * it.lam, refine)
         alpha = it.z.new_ones(it.z.shape[0])
     finite = torch.isfinite(torch.cat(step.fields(), -1).sum(-1) + alpha)
     if bool(finite.all()):
