@@ -134,3 +134,25 @@ def test_gradient_at_weakly_active_constraint_is_finite():
     (sol.z.sum() + sol.lam.sum()).backward()
     for x in (p, G, h):
         assert torch.isfinite(x.grad).all()
+
+
+def test_backward_warns_and_zeroes_gradients_where_the_kkt_system_does_not_factor(monkeypatch):
+    """A solved problem whose KKT system at the solution fails to factor in the backward gets
+    a zero gradient and a warning, never the garbage of a failed factor."""
+    import amortized.qp.pdipm as pdipm
+
+    Q, p, G, h, A, b = random_qp(4, 5, 6, 2, generator=torch.Generator().manual_seed(0))
+    p = p.requires_grad_()
+    sol = am.solve_qp(Q, p, G, h, A, b)
+    assert sol.solved.all()
+
+    class Failing(pdipm.KKT):  # the backward's factorization of problem 1 fails
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            self.ok = self.ok.clone()
+            self.ok[1] = False
+
+    monkeypatch.setattr(pdipm, "KKT", Failing)
+    with pytest.warns(RuntimeWarning, match=r"problems \[1\] did not factor"):
+        sol.z.sum().backward()
+    assert (p.grad[1] == 0).all() and (p.grad[[0, 2, 3]] != 0).any(-1).all()

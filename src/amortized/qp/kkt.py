@@ -5,6 +5,8 @@ differentiation (OptNet, Amos & Kolter 2017, eq. 6-8).
     F(z, λ, ν) = [ Qz + p + Gᵀλ + Aᵀν ;  λ ∘ (Gz − h) ;  Az − b ] = 0
 """
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -82,8 +84,8 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
     on the scaled problem (u_z = D ũ_z, w = E_G w̃ / c, u_ν = E_A ũ_ν / c). Then
     u_λ = w/λ where λ > s and (G u_z − v_λ)/s elsewhere. At weakly active constraints
     (s ≈ λ ≈ 0) the Jacobian is singular; the regularized factor gives a finite
-    (least-change) answer instead of a NaN. Problems that are not `solved` (B,) get
-    u = 0, hence zero gradients.
+    (least-change) answer instead of a NaN. Problems that are not `solved` (B,), or whose
+    system does not factor (with a warning), get u = 0, hence zero gradients.
     """
     G = result.G
     sc = result.scaling
@@ -100,8 +102,19 @@ def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor
     held = [result]
 
     def solve(v):
+        nonlocal keep
         if isinstance(held[0], PDIPMResult):
             held[0] = held[0].kkt.factors_only()
+            failed = solved & ~held[0].ok
+            if bool(failed.any()):
+                bad = failed.nonzero().flatten().tolist()[:10]
+                warnings.warn(
+                    f"solve_qp backward: the KKT system at the solution of problems {bad} did not "
+                    "factor; their gradients are zero",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                keep = keep & ~failed.unsqueeze(-1)
         v_z, v_lam, v_nu = v
         u_z, w, u_nu = held[0].solve(c * sc.D * v_z, E_G * v_lam, E_A * v_nu, refine=0)
         u_z, w, u_nu = sc.D * u_z, E_G * w / c, E_A * u_nu / c
