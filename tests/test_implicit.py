@@ -188,6 +188,27 @@ def test_gradcheck_custom_root(solve):
     assert torch.autograd.gradcheck(lambda *a: solver(None, *a), args)
 
 
+def test_second_derivatives_through_custom_root_match_the_closed_form():
+    """create_graph=True through a non-differentiable (numpy) forward: the Hessian-vector
+    products of an outer loss w.r.t. (X, t, λ) match those of the closed form, and
+    gradgradcheck passes (torch.func path: no closed-form products given)."""
+    X, t, lam = ridge_data(B=2, m=6, n=3, seed=7)
+    solver = custom_root(_ridge_grad, solve="gmres")(_np_ridge_solver)
+
+    def hvp(fn, args, c, r):
+        g = torch.autograd.grad((fn(*args) ** 3 * c).sum(), args, create_graph=True)
+        return torch.autograd.grad(sum((gi * ri).sum() for gi, ri in zip(g, r, strict=True)), args)
+
+    c = torch.randn(2, 3, dtype=F64)
+    r = [torch.randn_like(a) for a in (X, t, lam)]
+    ours = hvp(lambda *a: solver(None, *a), [a.clone().requires_grad_() for a in (X, t, lam)], c, r)
+    ref = hvp(lambda *a: ridge_closed_form(*a)[0], [a.clone().requires_grad_() for a in (X, t, lam)], c, r)
+    for a, b in zip(ours, ref, strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-7, atol=1e-9)
+    args = tuple(a.clone().requires_grad_() for a in (X, t, lam))
+    assert torch.autograd.gradgradcheck(lambda *a: solver(None, *a), args)
+
+
 def test_gradcheck_custom_fixed_point_neumann():
     g = torch.Generator().manual_seed(7)
     W = 0.5 * torch.randn(3, 3, generator=g, dtype=F64) / 3

@@ -18,6 +18,41 @@ def test_gradcheck_all_arguments_and_duals():
     assert torch.autograd.gradcheck(_solve, args, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
+def test_second_derivatives_match_finite_differences_of_gradients():
+    """create_graph=True: d/dθ ⟨∇_θ' L, r⟩ for L = Σ c·z³, every pair of arguments, against
+    central differences of the first-order gradients (which gradcheck checks above), and
+    gradgradcheck w.r.t. (Q, p, h) with z and the duals as outputs."""
+    data = random_qp(2, 5, 4, 2, generator=torch.Generator().manual_seed(3))
+    g = torch.Generator().manual_seed(4)
+    c = torch.randn(2, 5, generator=g, dtype=torch.float64)
+
+    def grads(args, create_graph=False):
+        z = am.solve_qp(*args).z
+        return torch.autograd.grad((c * z**3).sum(), args, create_graph=create_graph)
+
+    args = [x.clone().requires_grad_() for x in data]
+    r = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in data]
+    g1 = grads(args, create_graph=True)
+    hvp = torch.autograd.grad(sum((gi * ri).sum() for gi, ri in zip(g1, r, strict=True)), args)
+    t = 1e-6
+    for j in range(6):
+        d = torch.randn(data[j].shape, generator=g, dtype=torch.float64)
+
+        def moved(sign, j=j, d=d):
+            a = [x.clone().requires_grad_() for x in data]
+            with torch.no_grad():
+                a[j] += sign * t * d
+            return sum((gi * ri).sum() for gi, ri in zip(grads(a), r, strict=True))
+
+        fd = (moved(1) - moved(-1)) / (2 * t)
+        assert abs(float((hvp[j] * d).sum()) - float(fd)) <= 1e-6 * (1 + abs(float(fd)))
+    Q, p, G, h, A, b = data
+    fn = lambda Q, p, h: _solve(Q, p, G, h, A, b)
+    assert torch.autograd.gradgradcheck(
+        fn, [x.clone().requires_grad_() for x in (Q, p, h)], atol=1e-5, rtol=1e-4
+    )
+
+
 def test_gradcheck_box_and_equality_only():
     Q, p, G, h, _, _ = FAMILIES["box"](2, torch.float64, torch.Generator().manual_seed(1))
     n = 4

@@ -91,7 +91,8 @@ class _Spec:
     on one tensor rather than a tuple; build(y, params) -> Preconditioner | None makes one
     in the backward instead (nothing kept); vjp_y(ys, params, u) -> (∂F/∂y)ᵀu and
     vjp_p(ys, params, w, wanted) -> [(∂F/∂θ_i)ᵀw for i in wanted], closed forms used
-    instead of torch.func.vjp of F."""
+    instead of torch.func.vjp of F; frozen (B,) bool: problems whose solve returns u = 0
+    (not solved), which then get no second derivatives either."""
 
     def __init__(
         self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None, vjp_y=None, vjp_p=None
@@ -105,6 +106,7 @@ class _Spec:
             single,
         )
         self.build, self.vjp_y, self.vjp_p = build, vjp_y, vjp_p
+        self.frozen: Tensor | None = None  # (B,) rows whose gradients are held at zero
         self.n_y = 0
         self.apply: Callable | None = None
 
@@ -156,6 +158,8 @@ class _Implicit(torch.autograd.Function):
         out: list[Tensor | None] = [None] * len(params)
         if not wanted:
             return (None,) * offset + tuple(out)
+        # create_graph=True: the gradients below are built differentiably (second derivatives)
+        create_graph = torch.is_grad_enabled()
         ys_d = tuple(y.detach() for y in ys)
         ps_d = tuple(params[i].detach() for i in wanted)
         # Two linearizations of F: one in y alone for the solve's matvecs, so that no
@@ -188,18 +192,27 @@ class _Implicit(torch.autograd.Function):
                 mu = M(u[0] if single else u)
                 return (mu,) if single else tuple(mu)
 
-        u = tuple(spec.solve(matvec, v, precond))
-        for _ in range(spec.refine):
-            JTu = matvec(u)
-            du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v, JTu, strict=False)), precond)
-            u = tuple(ui + di for ui, di in zip(u, du, strict=False))
+        v_d = tuple(vi.detach() for vi in v)
+        with torch.no_grad():
+            u = tuple(spec.solve(matvec, v_d, precond))
+            for _ in range(spec.refine):
+                JTu = matvec(u)
+                du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v_d, JTu, strict=False)), precond)
+                u = tuple(ui + di for ui, di in zip(u, du, strict=False))
+        if create_graph:
+            # u(y, θ, v) and the final product, differentiable: ys are the saved outputs,
+            # whose graph leads back to θ through this very Function
+            tparams = [params[i] for i in ctx.tensor_idx]
+            u = _Adjoint.apply(_AdjointSpec(spec, params, ctx.tensor_idx), *u, *ys, *tparams, *v)
+            ys_d, ps_d = ys, tuple(params[i] for i in wanted)
         w = tuple(-ui for ui in u)
         if spec.vjp_p is None:
             with torch.enable_grad():
                 _, vjp_p = torch.func.vjp(lambda ps_: F_of(ys_d, ps_), ps_d)
             (grads,) = vjp_p(w)
         else:
-            grads = spec.vjp_p(ys_d, [p.detach() if isinstance(p, Tensor) else p for p in params], w, wanted)
+            ps = params if create_graph else [p.detach() if isinstance(p, Tensor) else p for p in params]
+            grads = spec.vjp_p(ys_d, ps, w, wanted)
         for i, g in zip(wanted, grads, strict=False):
             out[i] = g
         return (None,) * offset + tuple(out)
@@ -217,6 +230,86 @@ class _Implicit(torch.autograd.Function):
         return stacked, (0,) * len(stacked)
 
 
+class _AdjointSpec:
+    """What `_Adjoint` needs besides tensors: the implicit call's spec, its parameter list
+    (tensors replaced by the adjoint's inputs at `tensor_idx`)."""
+
+    def __init__(self, spec: _Spec, params: list, tensor_idx: list[int]):
+        self.spec, self.params, self.tensor_idx = spec, params, tensor_idx
+
+    def F(self, ys: Tensors, tparams: Sequence[Tensor]) -> Tensors:
+        full = list(self.params)
+        for i, p in zip(self.tensor_idx, tparams, strict=True):
+            full[i] = p
+        return tuple(self.spec.F(*ys, *full))
+
+
+class _Adjoint(torch.autograd.Function):
+    """forward(spec, *u, *ys, *θ, *v) -> u: the backward's solution of (∂F/∂y)ᵀu = v, made a
+    differentiable function of (y, θ, v) for second derivatives (create_graph=True), by
+    implicit differentiation of G(u; y, θ, v) = (∂F/∂y)ᵀu − v = 0, linear in u:
+
+        (∂F/∂y) w = ū,    v̄ = w,    (ȳ, θ̄) = −∂/∂(y, θ) ⟨(∂F/∂y)ᵀu, w⟩.
+
+    The solve is matrix-free GMRES on products (∂F/∂y)w; the last line is a double backward
+    through F. Third derivatives are not supported (once_differentiable)."""
+
+    @staticmethod
+    def forward(aspec, *args):
+        n = aspec.spec.n_y
+        return tuple(u.detach().clone() for u in args[:n])
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        aspec, *args = inputs
+        ctx.aspec = aspec
+        ctx.save_for_backward(*args)
+
+    @staticmethod
+    def vmap(info, in_dims, aspec, *inputs):
+        # as _Implicit.vmap: each slice of the vmapped dimension on its own
+        dims = in_dims[1:]
+        outs = []
+        for k in range(info.batch_size):
+            sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=True)]
+            outs.append(_Adjoint.apply(aspec, *sl))
+        stacked = tuple(torch.stack(o) for o in zip(*outs, strict=True))
+        return stacked, (0,) * len(stacked)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, *u_bar):
+        aspec = ctx.aspec
+        n, k = aspec.spec.n_y, len(aspec.tensor_idx)
+        saved = ctx.saved_tensors
+        u, ys, tparams = saved[:n], saved[n : 2 * n], saved[2 * n : 2 * n + k]
+        u_bar = tuple(torch.zeros_like(ui) if g is None else g for ui, g in zip(u, u_bar, strict=True))
+
+        with torch.enable_grad():
+            # (∂F/∂y) w as the gradient of the linear map u' ↦ ⟨(∂F/∂y)ᵀu', w⟩: reverse mode
+            # twice through one graph of F (torch.func.jvp would go through torch.jit)
+            ys_l = [y.detach().requires_grad_() for y in ys]
+            u_l = [torch.zeros_like(ui, requires_grad=True) for ui in u]
+            JTu_l = torch.autograd.grad(aspec.F(tuple(ys_l), tparams), ys_l, u_l, create_graph=True)
+
+        def matvec(w: Tensors) -> Tensors:  # (∂F/∂y) w, per problem
+            with torch.enable_grad():
+                return torch.autograd.grad(JTu_l, u_l, w, retain_graph=True)
+
+        w = _second_order_solve(matvec, u_bar)
+        if aspec.spec.frozen is not None:
+            keep = ~aspec.spec.frozen
+            w = tuple(wi * keep.reshape(-1, *(1,) * (wi.dim() - 1)) for wi in w)
+        with torch.enable_grad():
+            leaves = [x.detach().requires_grad_() for x in (*ys, *tparams)]
+            out = aspec.F(tuple(leaves[:n]), leaves[n:])
+            JTu = torch.autograd.grad(out, leaves[:n], u, create_graph=True, allow_unused=True)
+            inner = sum((a * b).sum() for a, b in zip(JTu, w, strict=True) if a is not None)
+            grads = torch.autograd.grad(inner, leaves, allow_unused=True) if torch.is_tensor(inner) else ()
+        grads = [None if g is None else -g for g in grads] or [None] * (n + k)
+        return (None, *(None,) * n, *grads, *w)
+
+
 def implicit_root(
     F: Callable[..., Tensors],
     solve_transpose: Callable[[Tensors], Tensors],
@@ -226,6 +319,7 @@ def implicit_root(
     refine: int = 1,
     vjp_y: Callable[[Tensors, list, Tensors], Tensors] | None = None,
     vjp_p: Callable[[Tensors, list, Tensors, list[int]], Sequence[Tensor]] | None = None,
+    frozen: Tensor | None = None,
 ) -> Tensors:
     """Attach implicit gradients to a solution computed elsewhere.
 
@@ -238,9 +332,11 @@ def implicit_root(
     The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
     vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
     (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
-    small problem's backward. Returns ys, now differentiable w.r.t. params (first order:
-    the backward is not itself differentiated, so create_graph=True gives wrong second
-    derivatives; torch.func.grad / jacrev of first derivatives work).
+    small problem's backward. `frozen` (B,) bool: problems for which solve_transpose returns
+    u = 0 (not solved), held at zero in second derivatives too. Returns ys, now
+    differentiable w.r.t. params, twice: with create_graph=True the backward builds its
+    gradients differentiably (see `_Adjoint`, a matrix-free GMRES per second-order product).
+    vjp_y and vjp_p must then be written in differentiable torch operations.
     """
     n_y = len(ys)
 
@@ -248,6 +344,7 @@ def implicit_root(
         return inputs[:n_y]
 
     spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y, vjp_p=vjp_p)
+    spec.frozen = frozen
     return _Implicit.apply(spec, *ys, *params)[:n_y]
 
 
@@ -324,6 +421,10 @@ def make_transpose_solve(
         return _unflat(x, v)
 
     return tuple_solve
+
+
+# the adjoint's own solve, (∂F/∂y) w = ū: no factorization of the untransposed system is kept
+_second_order_solve = make_transpose_solve("gmres", name="implicit second derivative")
 
 
 def _concrete(t: Tensor) -> bool:

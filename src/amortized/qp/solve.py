@@ -151,6 +151,7 @@ def solve_qp(
             refine=2,
             vjp_y=vjp_y,
             vjp_p=vjp_p,
+            frozen=~solved,
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
