@@ -379,6 +379,10 @@ def pdipm(
                     # answers, and those close to it are mostly right, which spares them the
                     # iterations and the later polish calls that would otherwise wait for them
                     ready = fresh & (rel <= 100 * eps_polish)
+                    if 8 * int((fresh & ~ready).sum()) <= B:
+                        # and the rest when they are few (as below): their active sets are
+                        # usually found long before their residuals are small
+                        ready = fresh
                 elif 8 * n_run <= B and bool(fresh.any()):
                     # when few are left (an eighth of the batch), each check tries them all:
                     # their factorization is cheap, while each of their iterations costs the
