@@ -226,9 +226,17 @@ class KKT:
         # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
         Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
         if self.active_set:
-            C = torch.cat([d.G * self.hard.unsqueeze(-1), d.A], dim=-2)
-            dvec = torch.cat([torch.where(self.hard, D + delta, 1.0), torch.zeros_like(d.b) + delta], -1)
-            self.factor = factor_saddle(H, C, dvec)
+            # only the hard rows enter the Schur complement, gathered to the front (`rows`,
+            # B × k for the batch's largest count k, `valid` marking the padding): a tall
+            # problem (m ≫ n) has about n of them near its solution, not m
+            B, n, m, _ = d.shape
+            k = int(self.hard.sum(-1).amax()) if B * m else 0
+            self.rows = torch.sort((~self.hard).to(torch.int8), dim=-1, stable=True).indices[..., :k]
+            self.valid = self.hard.gather(-1, self.rows)
+            G_h = d.G.expand(B, m, n).gather(-2, self.rows.unsqueeze(-1).expand(B, k, n))
+            C = torch.cat([G_h * self.valid.unsqueeze(-1), d.A.expand(B, *d.A.shape[-2:])], dim=-2)
+            D_h = torch.where(self.valid, D.gather(-1, self.rows) + delta, 1.0)
+            self.factor = factor_saddle(H, C, torch.cat([D_h, torch.zeros_like(d.b) + delta], -1))
         else:
             self.factor = factor_saddle(H, d.A, delta)
         self.ok = self.factor.ok
@@ -272,9 +280,11 @@ class KKT:
             return x, y[..., :m], y[..., m:]
         r1 = r1 + brmv(self.d.G, self.W * r_i)
         if self.active_set:
-            x, y = self.factor.solve(r1, torch.cat([r_i * self.hard, r_e], -1))
-            y_i = torch.where(self.hard, y[..., :m], self.W * (bmv(self.d.G, x) - r_i))
-            return x, y_i, y[..., m:]
+            k = self.rows.shape[-1]
+            x, y = self.factor.solve(r1, torch.cat([r_i.gather(-1, self.rows) * self.valid, r_e], -1))
+            y_hard = torch.zeros_like(r_i).scatter(-1, self.rows, y[..., :k])
+            y_i = torch.where(self.hard, y_hard, self.W * (bmv(self.d.G, x) - r_i))
+            return x, y_i, y[..., k:]
         x, y_e = self.factor.solve(r1, r_e)
         return x, self.W * (bmv(self.d.G, x) - r_i), y_e
 
