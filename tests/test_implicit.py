@@ -209,6 +209,30 @@ def test_second_derivatives_through_custom_root_match_the_closed_form():
     assert torch.autograd.gradgradcheck(lambda *a: solver(None, *a), args)
 
 
+def test_second_derivatives_with_an_integer_tensor_parameter():
+    """An index tensor among the parameters (no gradient of its own) does not stop the
+    second-order pass; the Hessian-vector product matches the closed form."""
+    X, t, lam = ridge_data(B=2, m=6, n=3, seed=8)
+    keep = torch.tensor([0, 2, 4, 5])  # the rows of X and t that enter the fit
+
+    def grad_f(w, X, t, lam, rows):
+        return _ridge_grad(w, X[:, rows], t[:, rows], lam)
+
+    def np_solver(init, X, t, lam, rows):
+        return _np_ridge_solver(init, X[:, rows], t[:, rows], lam)
+
+    solver = custom_root(grad_f, solve="gmres")(np_solver)
+    lam_ = lam.clone().requires_grad_()
+    (g,) = torch.autograd.grad((solver(None, X, t, lam_, keep) ** 3).sum(), lam_, create_graph=True)
+    (h,) = torch.autograd.grad(g.sum(), lam_)
+    lam_r = lam.clone().requires_grad_()
+    (g_r,) = torch.autograd.grad(
+        (ridge_closed_form(X[:, keep], t[:, keep], lam_r)[0] ** 3).sum(), lam_r, create_graph=True
+    )
+    (h_r,) = torch.autograd.grad(g_r.sum(), lam_r)
+    torch.testing.assert_close(h, h_r, rtol=1e-7, atol=1e-9)
+
+
 def test_gradcheck_custom_fixed_point_neumann():
     g = torch.Generator().manual_seed(7)
     W = 0.5 * torch.randn(3, 3, generator=g, dtype=F64) / 3

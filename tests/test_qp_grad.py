@@ -4,7 +4,7 @@ import pytest
 import torch
 
 import amortized as am
-from amortized.problems.random_qp import FAMILIES, random_qp, separable_qp
+from amortized.problems.random_qp import FAMILIES, degenerate_qp, random_qp, separable_qp
 
 
 def _solve(*args):
@@ -18,17 +18,21 @@ def test_gradcheck_all_arguments_and_duals():
     assert torch.autograd.gradcheck(_solve, args, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-def test_second_derivatives_match_finite_differences_of_gradients():
-    """create_graph=True: d/dθ ⟨∇_θ' L, r⟩ for L = Σ c·z³, every pair of arguments, against
-    central differences of the first-order gradients (which gradcheck checks above), and
-    gradgradcheck w.r.t. (Q, p, h) with z and the duals as outputs."""
-    data = random_qp(2, 5, 4, 2, generator=torch.Generator().manual_seed(3))
+@pytest.mark.parametrize("shape", [(2, 5, 4, 2), (2, 40, 40, 10)])
+def test_second_derivatives_match_finite_differences_of_gradients(shape):
+    """create_graph=True: d/dθ ⟨∇_θ' L, r⟩ for L = Σ c·z³ + Σ λ², every pair of arguments,
+    against central differences of the first-order gradients (which gradcheck checks
+    above); at (40, 40, 10) too, where the KKT Jacobian has 90 rows (a restarted GMRES
+    stalled there: the second-order solve reuses the KKT factor)."""
+    B, n, m, q = shape
+    data = random_qp(B, n, m, q, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)
-    c = torch.randn(2, 5, generator=g, dtype=torch.float64)
+    c = torch.randn(B, n, generator=g, dtype=torch.float64)
 
     def grads(args, create_graph=False):
-        z = am.solve_qp(*args).z
-        return torch.autograd.grad((c * z**3).sum(), args, create_graph=create_graph)
+        sol = am.solve_qp(*args)
+        loss = (c * sol.z**3).sum() + (sol.lam**2).sum()
+        return torch.autograd.grad(loss, args, create_graph=create_graph)
 
     args = [x.clone().requires_grad_() for x in data]
     r = [torch.randn(x.shape, generator=g, dtype=torch.float64) for x in data]
@@ -46,11 +50,38 @@ def test_second_derivatives_match_finite_differences_of_gradients():
 
         fd = (moved(1) - moved(-1)) / (2 * t)
         assert abs(float((hvp[j] * d).sum()) - float(fd)) <= 1e-6 * (1 + abs(float(fd)))
-    Q, p, G, h, A, b = data
+
+
+def test_gradgradcheck_and_torch_func_hessian_agree():
+    """gradgradcheck w.r.t. (Q, p, h) with z and the duals as outputs; torch.func's
+    jacrev(grad(f)) through solve_qp (which traces the backward itself) gives the same
+    Hessian as create_graph=True."""
+    Q, p, G, h, A, b = random_qp(2, 5, 4, 2, generator=torch.Generator().manual_seed(3))
     fn = lambda Q, p, h: _solve(Q, p, G, h, A, b)
     assert torch.autograd.gradgradcheck(
         fn, [x.clone().requires_grad_() for x in (Q, p, h)], atol=1e-5, rtol=1e-4
     )
+    f = lambda p_: (am.solve_qp(Q, p_, G, h, A, b).z ** 3).sum()
+    H_func = torch.func.jacrev(torch.func.grad(f))(p)
+    p_ = p.clone().requires_grad_()
+    (g,) = torch.autograd.grad(f(p_), p_, create_graph=True)
+    H_graph = torch.stack(
+        [torch.autograd.grad(g.flatten()[i], p_, retain_graph=True)[0] for i in range(g.numel())]
+    )
+    H_graph = H_graph.reshape(H_func.shape)
+    assert float((H_func - H_graph).abs().max()) <= 1e-7 * float(H_graph.abs().max())
+
+
+def test_second_derivatives_at_a_degenerate_solution_warn_and_stay_finite():
+    """Duplicated constraint rows make the KKT Jacobian singular: the first-order gradients
+    are the least-change ones, but second derivatives are not defined there; they warn."""
+    data = degenerate_qp(2, 5, 4, 2, generator=torch.Generator().manual_seed(2))
+    args = [x.clone().requires_grad_() for x in data]
+    g1 = torch.autograd.grad((am.solve_qp(*args).z ** 3).sum(), args, create_graph=True)
+    r = [torch.randn(x.shape, generator=torch.Generator().manual_seed(5), dtype=x.dtype) for x in data]
+    with pytest.warns(RuntimeWarning, match="singular"):
+        hvp = torch.autograd.grad(sum((gi * ri).sum() for gi, ri in zip(g1, r, strict=True)), args)
+    assert all(torch.isfinite(x).all() for x in hvp)
 
 
 def test_gradcheck_box_and_equality_only():

@@ -25,6 +25,7 @@ and has a `vmap` rule (the vmapped dimension is looped over, each slice an indep
 call), so `torch.func.vmap` over a function that calls a decorated solver works too.
 """
 
+import contextlib
 import functools
 import warnings
 from collections.abc import Callable, Sequence
@@ -91,8 +92,7 @@ class _Spec:
     on one tensor rather than a tuple; build(y, params) -> Preconditioner | None makes one
     in the backward instead (nothing kept); vjp_y(ys, params, u) -> (∂F/∂y)ᵀu and
     vjp_p(ys, params, w, wanted) -> [(∂F/∂θ_i)ᵀw for i in wanted], closed forms used
-    instead of torch.func.vjp of F; frozen (B,) bool: problems whose solve returns u = 0
-    (not solved), which then get no second derivatives either."""
+    instead of torch.func.vjp of F."""
 
     def __init__(
         self, run, F, solve, refine: int, n_pre: int, single=lambda: False, build=None, vjp_y=None, vjp_p=None
@@ -106,7 +106,10 @@ class _Spec:
             single,
         )
         self.build, self.vjp_y, self.vjp_p = build, vjp_y, vjp_p
-        self.frozen: Tensor | None = None  # (B,) rows whose gradients are held at zero
+        # second derivatives: solve_forward(ū) -> w with (∂F/∂y) w = ū, when the caller has a
+        # factorization for it; frozen() -> (B,) rows whose gradients are held at zero
+        self.solve_forward: Callable[[Tensors], Tensors] | None = None
+        self.frozen: Callable[[], Tensor | None] = lambda: None
         self.n_y = 0
         self.apply: Callable | None = None
 
@@ -158,8 +161,11 @@ class _Implicit(torch.autograd.Function):
         out: list[Tensor | None] = [None] * len(params)
         if not wanted:
             return (None,) * offset + tuple(out)
-        # create_graph=True: the gradients below are built differentiably (second derivatives)
-        create_graph = torch.is_grad_enabled()
+        # create_graph=True: the gradients below are built differentiably (second derivatives).
+        # Under torch.func transforms the backward's own operations are traced instead (as
+        # jacrev(grad(f)) needs), so nothing is detached or wrapped there
+        functorch = torch._C._are_functorch_transforms_active()
+        create_graph = torch.is_grad_enabled() and not functorch
         ys_d = tuple(y.detach() for y in ys)
         ps_d = tuple(params[i].detach() for i in wanted)
         # Two linearizations of F: one in y alone for the solve's matvecs, so that no
@@ -192,8 +198,8 @@ class _Implicit(torch.autograd.Function):
                 mu = M(u[0] if single else u)
                 return (mu,) if single else tuple(mu)
 
-        v_d = tuple(vi.detach() for vi in v)
-        with torch.no_grad():
+        v_d = v if functorch else tuple(vi.detach() for vi in v)
+        with contextlib.nullcontext() if functorch else torch.no_grad():
             u = tuple(spec.solve(matvec, v_d, precond))
             for _ in range(spec.refine):
                 JTu = matvec(u)
@@ -202,8 +208,10 @@ class _Implicit(torch.autograd.Function):
         if create_graph:
             # u(y, θ, v) and the final product, differentiable: ys are the saved outputs,
             # whose graph leads back to θ through this very Function
-            tparams = [params[i] for i in ctx.tensor_idx]
-            u = _Adjoint.apply(_AdjointSpec(spec, params, ctx.tensor_idx), *u, *ys, *tparams, *v)
+            # integer tensors (indices) carry no gradient: they stay fixed in the adjoint's F
+            fidx = [i for i in ctx.tensor_idx if params[i].is_floating_point() or params[i].is_complex()]
+            aspec = _AdjointSpec(spec, [None if i in fidx else p for i, p in enumerate(params)], fidx)
+            u = _Adjoint.apply(aspec, *u, *ys, *(params[i] for i in fidx), *v)
             ys_d, ps_d = ys, tuple(params[i] for i in wanted)
         w = tuple(-ui for ui in u)
         if spec.vjp_p is None:
@@ -231,8 +239,8 @@ class _Implicit(torch.autograd.Function):
 
 
 class _AdjointSpec:
-    """What `_Adjoint` needs besides tensors: the implicit call's spec, its parameter list
-    (tensors replaced by the adjoint's inputs at `tensor_idx`)."""
+    """What `_Adjoint` needs besides tensors: the implicit call's spec and its parameter
+    list, whose entries at `tensor_idx` (None here) are the adjoint's inputs."""
 
     def __init__(self, spec: _Spec, params: list, tensor_idx: list[int]):
         self.spec, self.params, self.tensor_idx = spec, params, tensor_idx
@@ -251,8 +259,9 @@ class _Adjoint(torch.autograd.Function):
 
         (∂F/∂y) w = ū,    v̄ = w,    (ȳ, θ̄) = −∂/∂(y, θ) ⟨(∂F/∂y)ᵀu, w⟩.
 
-    The solve is matrix-free GMRES on products (∂F/∂y)w; the last line is a double backward
-    through F. Third derivatives are not supported (once_differentiable)."""
+    The solve is the caller's (`solve_forward`, e.g. the QP's KKT factor) or GMRES without
+    restarts on products (∂F/∂y)w; the last line is a double backward through F. Third
+    derivatives are not supported (once_differentiable)."""
 
     @staticmethod
     def forward(aspec, *args):
@@ -263,7 +272,8 @@ class _Adjoint(torch.autograd.Function):
     def setup_context(ctx, inputs, output):
         aspec, *args = inputs
         ctx.aspec = aspec
-        ctx.save_for_backward(*args)
+        n, k = aspec.spec.n_y, len(aspec.tensor_idx)
+        ctx.save_for_backward(*args[: 2 * n + k])  # u, ys, θ (v enters linearly: not needed)
 
     @staticmethod
     def vmap(info, in_dims, aspec, *inputs):
@@ -280,34 +290,76 @@ class _Adjoint(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *u_bar):
         aspec = ctx.aspec
-        n, k = aspec.spec.n_y, len(aspec.tensor_idx)
+        spec = aspec.spec
+        n, k = spec.n_y, len(aspec.tensor_idx)
         saved = ctx.saved_tensors
         u, ys, tparams = saved[:n], saved[n : 2 * n], saved[2 * n : 2 * n + k]
-        u_bar = tuple(torch.zeros_like(ui) if g is None else g for ui, g in zip(u, u_bar, strict=True))
+        frozen = spec.frozen()
+        keep = None if frozen is None else ~frozen
 
-        with torch.enable_grad():
-            # (∂F/∂y) w as the gradient of the linear map u' ↦ ⟨(∂F/∂y)ᵀu', w⟩: reverse mode
-            # twice through one graph of F (torch.func.jvp would go through torch.jit)
-            ys_l = [y.detach().requires_grad_() for y in ys]
-            u_l = [torch.zeros_like(ui, requires_grad=True) for ui in u]
-            JTu_l = torch.autograd.grad(aspec.F(tuple(ys_l), tparams), ys_l, u_l, create_graph=True)
+        def masked(xs: Sequence[Tensor | None]) -> Tensors:
+            xs = tuple(torch.zeros_like(ui) if x is None else x for ui, x in zip(u, xs, strict=True))
+            if keep is None:
+                return xs
+            return tuple(x * keep.reshape(-1, *(1,) * (x.dim() - 1)) for x in xs)
 
-        def matvec(w: Tensors) -> Tensors:  # (∂F/∂y) w, per problem
-            with torch.enable_grad():
-                return torch.autograd.grad(JTu_l, u_l, w, retain_graph=True)
-
-        w = _second_order_solve(matvec, u_bar)
-        if aspec.spec.frozen is not None:
-            keep = ~aspec.spec.frozen
-            w = tuple(wi * keep.reshape(-1, *(1,) * (wi.dim() - 1)) for wi in w)
+        u_bar = masked(u_bar)  # frozen rows: nothing to solve
+        if spec.solve_forward is not None:
+            w = masked(spec.solve_forward(u_bar))
+        else:
+            w = masked(_gmres_forward(aspec, ys, [t.detach() for t in tparams], u, u_bar))
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (*ys, *tparams)]
+            u_l = [ui.detach().requires_grad_() for ui in u]
             out = aspec.F(tuple(leaves[:n]), leaves[n:])
-            JTu = torch.autograd.grad(out, leaves[:n], u, create_graph=True, allow_unused=True)
-            inner = sum((a * b).sum() for a, b in zip(JTu, w, strict=True) if a is not None)
-            grads = torch.autograd.grad(inner, leaves, allow_unused=True) if torch.is_tensor(inner) else ()
-        grads = [None if g is None else -g for g in grads] or [None] * (n + k)
+            JTu = torch.autograd.grad(out, leaves[:n], u_l, create_graph=True, allow_unused=True)
+            pairs = [(a, i) for i, a in enumerate(JTu) if a is not None]
+            if not pairs:
+                return (None, *(None,) * n, *(None,) * k, *w)
+            # (∂F/∂y) w = ∂/∂u ⟨(∂F/∂y)ᵀu, w⟩: where it misses ū by far (measured: 0.2-0.5
+            # relative at degenerate QP solutions, 1e-7 at weakly active ones, 1e-10
+            # otherwise), the Jacobian is singular with ū outside its range, and the
+            # regularized solve's w is of the size 1/δ: zeroed, with a warning
+            Jw = torch.autograd.grad(sum((a * w[i]).sum() for a, i in pairs), u_l, retain_graph=True)
+            bad = _misses(Jw, u_bar)
+            if bool(bad.any()):
+                warnings.warn(
+                    "implicit second derivative: the Jacobian at the solution of problems "
+                    f"{bad.nonzero().flatten().tolist()[:10]} is singular (a degenerate solution, "
+                    "e.g. dependent active constraints): their second derivatives are not reliable",
+                    RuntimeWarning,
+                    stacklevel=3,
+                )
+                w = tuple(torch.where(bad.reshape(-1, *(1,) * (wi.dim() - 1)), 0.0, wi) for wi in w)
+            grads = torch.autograd.grad(sum((a * w[i]).sum() for a, i in pairs), leaves, allow_unused=True)
+        grads = [None if g is None else -g for g in grads]
         return (None, *(None,) * n, *grads, *w)
+
+
+def _misses(Jw: Tensors, u_bar: Tensors) -> Tensor:
+    """(B,) whether ‖Jw − ū‖∞ exceeds ε^¼ of ‖ū‖∞ + ‖Jw‖∞, row by row."""
+    res = _flat([a - b for a, b in zip(Jw, u_bar, strict=True)]).abs().amax(-1)
+    size = _flat(u_bar).abs().amax(-1) + _flat(Jw).abs().amax(-1)
+    return res > torch.finfo(res.dtype).eps ** 0.25 * size
+
+
+def _gmres_forward(
+    aspec: _AdjointSpec, ys: Tensors, tparams: list[Tensor], u: Tensors, u_bar: Tensors
+) -> Tensors:
+    """w with (∂F/∂y) w = ū by GMRES without restarts (a KKT-like Jacobian stalls a restarted
+    one), on products (∂F/∂y)w taken as the gradient of the linear map u' ↦ ⟨(∂F/∂y)ᵀu', w⟩:
+    reverse mode twice through one graph of F (torch.func.jvp would go through torch.jit).
+    Rows that do not converge warn and get w = 0."""
+    with torch.enable_grad():
+        ys_l = [y.detach().requires_grad_() for y in ys]
+        u_l = [torch.zeros_like(ui, requires_grad=True) for ui in u]
+        JTu_l = torch.autograd.grad(aspec.F(tuple(ys_l), tparams), ys_l, u_l, create_graph=True)
+
+    def matvec(w: Tensors) -> Tensors:  # (∂F/∂y) w, per problem
+        with torch.enable_grad():
+            return torch.autograd.grad(JTu_l, u_l, w, retain_graph=True)
+
+    return _second_order_solve(matvec, u_bar)
 
 
 def implicit_root(
@@ -319,7 +371,8 @@ def implicit_root(
     refine: int = 1,
     vjp_y: Callable[[Tensors, list, Tensors], Tensors] | None = None,
     vjp_p: Callable[[Tensors, list, Tensors, list[int]], Sequence[Tensor]] | None = None,
-    frozen: Tensor | None = None,
+    solve_forward: Callable[[Tensors], Tensors] | None = None,
+    frozen: Tensor | Callable[[], Tensor] | None = None,
 ) -> Tensors:
     """Attach implicit gradients to a solution computed elsewhere.
 
@@ -332,11 +385,12 @@ def implicit_root(
     The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
     vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
     (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
-    small problem's backward. `frozen` (B,) bool: problems for which solve_transpose returns
-    u = 0 (not solved), held at zero in second derivatives too. Returns ys, now
-    differentiable w.r.t. params, twice: with create_graph=True the backward builds its
-    gradients differentiably (see `_Adjoint`, a matrix-free GMRES per second-order product).
-    vjp_y and vjp_p must then be written in differentiable torch operations.
+    small problem's backward. Returns ys, now differentiable w.r.t. params, twice: with
+    create_graph=True the backward builds its gradients differentiably (`_Adjoint`; vjp_y
+    and vjp_p must then be differentiable torch operations), and each second-order product
+    solves (∂F/∂y) w = ū, with solve_forward(ū) when given (the same factorization, used
+    untransposed), otherwise by GMRES. frozen: (B,) bool, or a function returning it at the
+    second-order product: problems whose solve_transpose returns u = 0 (not solved), held at zero there.
     """
     n_y = len(ys)
 
@@ -344,7 +398,9 @@ def implicit_root(
         return inputs[:n_y]
 
     spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y, vjp_p=vjp_p)
-    spec.frozen = frozen
+    spec.solve_forward = solve_forward
+    if frozen is not None:
+        spec.frozen = frozen if callable(frozen) else (lambda: frozen)
     return _Implicit.apply(spec, *ys, *params)[:n_y]
 
 
@@ -423,8 +479,13 @@ def make_transpose_solve(
     return tuple_solve
 
 
-# the adjoint's own solve, (∂F/∂y) w = ū: no factorization of the untransposed system is kept
-_second_order_solve = make_transpose_solve("gmres", name="implicit second derivative")
+def _full_gmres(matvec, r):
+    x, ok = ls.gmres(matvec, r, restart=r.shape[-1], max_iter=2 * r.shape[-1] + 10)
+    return torch.where(ok.unsqueeze(-1), x, 0.0), ok
+
+
+# the adjoint's own solve, (∂F/∂y) w = ū, where the caller has no factorization for it
+_second_order_solve = make_transpose_solve(_full_gmres, name="implicit second derivative")
 
 
 def _concrete(t: Tensor) -> bool:

@@ -11,6 +11,7 @@ import torch
 from torch import Tensor
 
 from amortized.linalg import bmv, brmv
+from amortized.qp.kkt_system import KKT
 from amortized.qp.pdipm import PDIPMResult
 
 
@@ -70,55 +71,84 @@ def _outer_sum(M: Tensor, U: Tensor, V: Tensor) -> Tensor:
     return (U.transpose(0, 1).reshape(k, r * B) @ V.reshape(r * B, n)).reshape(M.shape)
 
 
-def transpose_solver(result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor):
-    """u ↦ solution of (∂F/∂(z,λ,ν))ᵀ u = v at the returned solution, reusing the forward's
-    factorization at that point (`result.kkt`, factored on first use if the forward left
-    none that fits every problem):
+class JacobianSolves:
+    """Solves with the Jacobian J = ∂F/∂(z, λ, ν) at the returned solution, reusing the
+    forward's factorization at that point (`result.kkt`, factored on first use if the
+    forward left none that fits every problem). `transpose(v)`, for the backward, solves
 
         Q u_z + Gᵀ(λ∘u_λ) + Aᵀu_ν = v_z
         G u_z − s∘u_λ             = v_λ      (Gz − h = −s at the solution)
         A u_z                     = v_ν
 
-    In w = λ∘u_λ this is the forward's KKT system with compliance D = s/λ (the interior
-    point factor), or D = 0 on active and ∞ on inactive rows (the polish factor), solved
-    on the scaled problem (u_z = D ũ_z, w = E_G w̃ / c, u_ν = E_A ũ_ν / c). Then
-    u_λ = w/λ where λ > s and (G u_z − v_λ)/s elsewhere. At weakly active constraints
-    (s ≈ λ ≈ 0) the Jacobian is singular; the regularized factor gives a finite
+    In w = λ∘u_λ this is the forward's KKT system K (symmetric) with compliance D = s/λ
+    (the interior point factor), or D = 0 on active and ∞ on inactive rows (the polish
+    factor), solved on the scaled problem (`_kkt`). Then u_λ = w/λ where λ > s and
+    (G u_z − v_λ)/s elsewhere. `forward(ū)`, for second derivatives, solves J w = ū, which
+    is K w = (ū_z, ū_λ/λ, ū_ν) since J = diag(I, Λ, I) K; a row left out of K (D = ∞, λ = 0)
+    has w_λ = −ū_λ/s instead, moved to the first block's right side. At weakly active
+    constraints (s ≈ λ ≈ 0) J is singular; the regularized factor gives a finite
     (least-change) answer instead of a NaN. Problems that are not `solved` (B,), or whose
-    system does not factor (with a warning), get u = 0, hence zero gradients.
+    system does not factor (with a warning), get zeros (`frozen`).
     """
-    G = result.G
-    sc = result.scaling
-    E_G, E_A = sc.split(G.shape[-2])
-    c = sc.c.unsqueeze(-1)
-    keep = solved.unsqueeze(-1)
-    big = lam > s
-    lam_safe = torch.where(big, lam, 1.0)
-    s_safe = torch.where(big, 1.0, s.clamp(min=torch.finfo(s.dtype).eps))
 
-    # the result until the first solve, then only its factor: the result's scaled data and
-    # dual base (three (B, n, n)-sized matrices when m ≈ n) are freed before the gradients
-    # of Q and G are formed
-    held = [result]
+    def __init__(self, result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor):
+        self.G, self.sc = result.G, result.scaling
+        self.s, self.lam = s, lam
+        self.keep = solved.unsqueeze(-1)
+        self.absent = torch.isinf(result.D)
+        self.big = lam > s
+        eps = torch.finfo(s.dtype).eps
+        # the result until the first solve, then only its factor: the result's scaled data
+        # and dual base (three (B, n, n)-sized matrices when m ≈ n) are freed before the
+        # gradients of Q and G are formed
+        self.held: PDIPMResult | KKT = result
+        self.solved = solved
+        self.s_safe = s.clamp(min=eps)
+        self.lam_safe = lam.clamp(min=eps * (1 + lam.abs().amax(-1, keepdim=True))) if lam.shape[-1] else lam
 
-    def solve(v):
-        nonlocal keep
-        if isinstance(held[0], PDIPMResult):
-            held[0] = held[0].kkt.factors_only()
-            failed = solved & ~held[0].ok
+    @property
+    def frozen(self) -> Tensor:
+        """(B,) the problems whose solves are held at zero."""
+        return ~self.keep.squeeze(-1)
+
+    def _kkt(self, r_z: Tensor, r_lam: Tensor, r_nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """K⁻¹(r_z, r_λ, r_ν) in the original problem's terms, through the scaled factor
+        (x = D x̃, y = E ỹ / c for right sides (c D r_z, E r_λ, E r_ν))."""
+        if isinstance(self.held, PDIPMResult):
+            self.held = self.held.kkt.factors_only()
+            failed = self.solved & ~self.held.ok
             if bool(failed.any()):
                 bad = failed.nonzero().flatten().tolist()[:10]
                 warnings.warn(
                     f"solve_qp backward: the KKT system at the solution of problems {bad} did not "
                     "factor; their gradients are zero",
                     RuntimeWarning,
-                    stacklevel=2,
+                    stacklevel=3,
                 )
-                keep = keep & ~failed.unsqueeze(-1)
-        v_z, v_lam, v_nu = v
-        u_z, w, u_nu = held[0].solve(c * sc.D * v_z, E_G * v_lam, E_A * v_nu, refine=0)
-        u_z, w, u_nu = sc.D * u_z, E_G * w / c, E_A * u_nu / c
-        u_lam = torch.where(big, w / lam_safe, (bmv(G, u_z) - v_lam) / s_safe)
-        return tuple(torch.where(keep, u, 0.0) for u in (u_z, u_lam, u_nu))
+                self.keep = self.keep & ~failed.unsqueeze(-1)
+        sc = self.sc
+        E_G, E_A = sc.split(self.G.shape[-2])
+        c = sc.c.unsqueeze(-1)
+        x, y, y_e = self.held.solve(c * sc.D * r_z, E_G * r_lam, E_A * r_nu, refine=0)
+        return sc.D * x, E_G * y / c, E_A * y_e / c
 
-    return solve
+    def _masked(self, *xs: Tensor) -> tuple[Tensor, ...]:
+        return tuple(torch.where(self.keep, x, 0.0) for x in xs)
+
+    def transpose(self, v: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """u with Jᵀu = v."""
+        v_z, v_lam, v_nu = v
+        u_z, w, u_nu = self._kkt(v_z, v_lam, v_nu)
+        u_lam = torch.where(
+            self.big, w / torch.where(self.big, self.lam, 1.0), (bmv(self.G, u_z) - v_lam) / self.s_safe
+        )
+        return self._masked(u_z, u_lam, u_nu)
+
+    def forward(self, u_bar: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
+        """w with J w = ū."""
+        b_z, b_lam, b_nu = u_bar
+        out = torch.where(self.absent, b_lam / self.s_safe, 0.0)  # rows left out of K
+        w_z, w_lam, w_nu = self._kkt(
+            b_z + brmv(self.G, out), torch.where(self.absent, 0.0, b_lam / self.lam_safe), b_nu
+        )
+        return self._masked(w_z, torch.where(self.absent, -out, w_lam), w_nu)

@@ -10,7 +10,7 @@ from amortized.implicit import implicit_root
 from amortized.linalg import bmv
 from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
-from amortized.qp.kkt import kkt_conditions, kkt_parameter_vjp, kkt_transpose_product, transpose_solver
+from amortized.qp.kkt import JacobianSolves, kkt_conditions, kkt_parameter_vjp, kkt_transpose_product
 from amortized.qp.pdipm import pdipm
 from amortized.qp.problem import QPData, check_convex, qp_data
 from amortized.qp.status import QPStatus
@@ -143,15 +143,17 @@ def solve_qp(
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
         params = [x if x is not None and x.numel() else None for x in params]
         F, vjp_y, vjp_p = _kkt_with_defaults(B, n, p)
+        solves = JacobianSolves(r, s, lam, solved)
         z, lam, nu = implicit_root(
             F,
-            _warn_unsolved(transpose_solver(r, s, lam, solved), solved),
+            _warn_unsolved(solves.transpose, solved),
             (z, lam, nu),
             params,
             refine=2,
             vjp_y=vjp_y,
             vjp_p=vjp_p,
-            frozen=~solved,
+            solve_forward=solves.forward,
+            frozen=lambda: solves.frozen,
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
 
