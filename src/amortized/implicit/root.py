@@ -23,6 +23,10 @@ independently (never one (B·N)×(B·N) system). This follows jaxopt's `custom_r
 The Function uses `setup_context`, so `torch.func.grad`/`vjp` over outer functions work,
 and has a `vmap` rule (the vmapped dimension is looped over, each slice an independent
 call), so `torch.func.vmap` over a function that calls a decorated solver works too.
+
+Second derivatives (create_graph=True): the backward then makes u a differentiable
+function of (y, θ, v) through a second Function (`_Adjoint`), whose own backward solves the
+untransposed system (∂F/∂y) w = ū once per second-order product.
 """
 
 import contextlib
@@ -112,6 +116,19 @@ class _Spec:
         self.frozen: Callable[[], Tensor | None] = lambda: None
         self.n_y = 0
         self.apply: Callable | None = None
+
+
+def _vmap_by_slices(fn: type[torch.autograd.Function], info, in_dims, spec, inputs) -> tuple:
+    """The vmap rule of our Functions: each slice of the vmapped dimension is an independent
+    implicit problem, solved one after another (a solver may use data-dependent control
+    flow that vmap forbids)."""
+    dims = in_dims[1:]
+    outs = []
+    for k in range(info.batch_size):
+        sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=True)]
+        outs.append(fn.apply(spec, *sl))
+    stacked = tuple(torch.stack(o) for o in zip(*outs, strict=True))
+    return stacked, (0,) * len(stacked)
 
 
 class _Implicit(torch.autograd.Function):
@@ -207,8 +224,8 @@ class _Implicit(torch.autograd.Function):
                 u = tuple(ui + di for ui, di in zip(u, du, strict=False))
         if create_graph:
             # u(y, θ, v) and the final product, differentiable: ys are the saved outputs,
-            # whose graph leads back to θ through this very Function
-            # integer tensors (indices) carry no gradient: they stay fixed in the adjoint's F
+            # whose graph leads back to θ through this very Function; integer tensors
+            # (indices) carry no gradient and stay fixed in the adjoint's F
             fidx = [i for i in ctx.tensor_idx if params[i].is_floating_point() or params[i].is_complex()]
             aspec = _AdjointSpec(spec, [None if i in fidx else p for i, p in enumerate(params)], fidx)
             u = _Adjoint.apply(aspec, *u, *ys, *(params[i] for i in fidx), *v)
@@ -227,15 +244,7 @@ class _Implicit(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, spec, *inputs):
-        # Each slice of the vmapped dimension is an independent implicit problem: solve them
-        # one after another (a solver may use data-dependent control flow that vmap forbids).
-        dims = in_dims[1:]
-        outs = []
-        for k in range(info.batch_size):
-            sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=False)]
-            outs.append(_Implicit.apply(spec, *sl))
-        stacked = tuple(torch.stack(o) for o in zip(*outs, strict=False))
-        return stacked, (0,) * len(stacked)
+        return _vmap_by_slices(_Implicit, info, in_dims, spec, inputs)
 
 
 class _AdjointSpec:
@@ -277,14 +286,7 @@ class _Adjoint(torch.autograd.Function):
 
     @staticmethod
     def vmap(info, in_dims, aspec, *inputs):
-        # as _Implicit.vmap: each slice of the vmapped dimension on its own
-        dims = in_dims[1:]
-        outs = []
-        for k in range(info.batch_size):
-            sl = [x if d is None else x.select(d, k) for x, d in zip(inputs, dims, strict=True)]
-            outs.append(_Adjoint.apply(aspec, *sl))
-        stacked = tuple(torch.stack(o) for o in zip(*outs, strict=True))
-        return stacked, (0,) * len(stacked)
+        return _vmap_by_slices(_Adjoint, info, in_dims, aspec, inputs)
 
     @staticmethod
     @torch.autograd.function.once_differentiable
@@ -390,7 +392,8 @@ def implicit_root(
     and vjp_p must then be differentiable torch operations), and each second-order product
     solves (∂F/∂y) w = ū, with solve_forward(ū) when given (the same factorization, used
     untransposed), otherwise by GMRES. frozen: (B,) bool, or a function returning it at the
-    second-order product: problems whose solve_transpose returns u = 0 (not solved), held at zero there.
+    second-order product: problems whose solve_transpose returns u = 0 (not solved), held
+    at zero there too.
     """
     n_y = len(ys)
 

@@ -7,7 +7,7 @@ from torch import Tensor
 def bmv(M: Tensor, x: Tensor) -> Tensor:
     """Mx for M (B, m, n) or (m, n), x (B, n). torch.bmm when both are batched alike: `@`
     dispatches five more ops (expand, view) per call, most of a small solve's time. As the
-    row vector xᵀMᵀ: torch 2.13's CPU bmm of a matrix by a column is 4-10× slower than that
+    row vector xᵀMᵀ: torch 2.13's CPU bmm of a matrix by a column is 2-6× slower than that
     of a row by a (transposed) matrix from n = 50 on (`benchmarks/matvec.py`)."""
     if M.dim() == 3 and x.dim() == 2 and M.shape[0] == x.shape[0]:
         return torch.bmm(x.unsqueeze(-2), M.mT).squeeze(-2)

@@ -93,7 +93,7 @@ class JacobianSolves:
 
     def __init__(self, result: PDIPMResult, s: Tensor, lam: Tensor, solved: Tensor):
         self.G, self.sc = result.G, result.scaling
-        self.s, self.lam = s, lam
+        self.lam = lam
         self.keep = solved.unsqueeze(-1)
         self.absent = torch.isinf(result.D)
         self.big = lam > s
