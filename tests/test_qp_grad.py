@@ -18,12 +18,13 @@ def test_gradcheck_all_arguments_and_duals():
     assert torch.autograd.gradcheck(_solve, args, eps=1e-6, atol=1e-5, rtol=1e-4)
 
 
-@pytest.mark.parametrize("shape", [(2, 5, 4, 2), (2, 40, 40, 10)])
+@pytest.mark.parametrize("shape", [(2, 5, 4, 2), (2, 40, 40, 10), (2, 8, 60, 2)])
 def test_second_derivatives_match_finite_differences_of_gradients(shape):
     """create_graph=True: d/dθ ⟨∇_θ' L, r⟩ for L = Σ c·z³ + Σ λ², every pair of arguments,
     against central differences of the first-order gradients (which gradcheck checks
     above); at (40, 40, 10) too, where the KKT Jacobian has 90 rows (a restarted GMRES
-    stalled there: the second-order solve reuses the KKT factor)."""
+    stalled there: the second-order solve reuses the KKT factor), and on a tall problem,
+    whose dense primal factor carries ρ = δ ≈ 1e-7 until refined."""
     B, n, m, q = shape
     data = random_qp(B, n, m, q, generator=torch.Generator().manual_seed(3))
     g = torch.Generator().manual_seed(4)

@@ -111,9 +111,13 @@ class JacobianSolves:
         """(B,) the problems whose solves are held at zero."""
         return ~self.keep.squeeze(-1)
 
-    def _kkt(self, r_z: Tensor, r_lam: Tensor, r_nu: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    def _kkt(
+        self, r_z: Tensor, r_lam: Tensor, r_nu: Tensor, refine: int = 0
+    ) -> tuple[Tensor, Tensor, Tensor]:
         """K⁻¹(r_z, r_λ, r_ν) in the original problem's terms, through the scaled factor
-        (x = D x̃, y = E ỹ / c for right sides (c D r_z, E r_λ, E r_ν))."""
+        (x = D x̃, y = E ỹ / c for right sides (c D r_z, E r_λ, E r_ν)); `refine` steps
+        against the exact K where the factor keeps its data (primal and separable forms,
+        whose ρ = δ ≈ 1e-7 would otherwise stay in the answer)."""
         if isinstance(self.held, PDIPMResult):
             self.held = self.held.kkt.factors_only()
             failed = self.solved & ~self.held.ok
@@ -129,7 +133,8 @@ class JacobianSolves:
         sc = self.sc
         E_G, E_A = sc.split(self.G.shape[-2])
         c = sc.c.unsqueeze(-1)
-        x, y, y_e = self.held.solve(c * sc.D * r_z, E_G * r_lam, E_A * r_nu, refine=0)
+        refine = refine if self.held.d is not None else 0
+        x, y, y_e = self.held.solve(c * sc.D * r_z, E_G * r_lam, E_A * r_nu, refine=refine)
         return sc.D * x, E_G * y / c, E_A * y_e / c
 
     def _masked(self, *xs: Tensor) -> tuple[Tensor, ...]:
@@ -148,7 +153,8 @@ class JacobianSolves:
         """w with J w = ū."""
         b_z, b_lam, b_nu = u_bar
         out = torch.where(self.absent, b_lam / self.s_safe, 0.0)  # rows left out of K
+        # refined here: the backward's transposed solves are refined by implicit_root instead
         w_z, w_lam, w_nu = self._kkt(
-            b_z + brmv(self.G, out), torch.where(self.absent, 0.0, b_lam / self.lam_safe), b_nu
+            b_z + brmv(self.G, out), torch.where(self.absent, 0.0, b_lam / self.lam_safe), b_nu, refine=2
         )
         return self._masked(w_z, torch.where(self.absent, -out, w_lam), w_nu)
