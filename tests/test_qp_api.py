@@ -80,6 +80,18 @@ def test_max_iter_is_reported_not_solved(qp):
     assert am.QPStatus.MAX_ITER.message.startswith("not converged")
 
 
+def test_empty_batch_returns_empty_outputs_with_a_graph():
+    """B = 0 (a data loader's empty last batch): outputs shaped (0, ·), constraints kept
+    (a (0, m, n) G is m rows for no problems, not "no constraints"), zero gradients."""
+    shapes = [(3, 3), (0, 3), (0, 2, 3), (0, 2)]  # Q shared, p, G, h batched
+    args = [torch.eye(3, dtype=torch.float64).requires_grad_()]
+    args += [torch.ones(s, dtype=torch.float64, requires_grad=True) for s in shapes[1:]]
+    sol = am.solve_qp(*args)
+    assert sol.z.shape == (0, 3) and sol.lam.shape == (0, 2) and sol.status.shape == (0,)
+    sol.z.sum().backward()
+    assert args[0].grad.shape == (3, 3) and not args[0].grad.any()
+
+
 def test_unknown_solver(qp):
     with pytest.raises(ValueError, match="unknown solver"):
         am.solve_qp(*qp, solver="simplex")

@@ -106,8 +106,10 @@ def _check(name: str, x: Tensor, core: tuple[int, ...], expected: str) -> int | 
     raise ValueError(f"{name} has shape {tuple(x.shape)}; expected {expected}")
 
 
-def _is_empty(x: Tensor | None) -> bool:
-    return x is None or x.numel() == 0
+def _is_empty(x: Tensor | None, rows: int) -> bool:
+    """No constraints: None, qpth's empty tensor, or no rows (dimension `rows`); a batch of
+    no problems (B = 0) with rows is not empty."""
+    return x is None or x.numel() == 0 and (x.dim() <= 1 or x.shape[rows] == 0)
 
 
 def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
@@ -124,9 +126,9 @@ def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
         raise ValueError("p has zero variables")
     tensors = {"Q": Q, "p": p}
     for name, (M, r) in {"G/h": (G, h), "A/b": (A, b)}.items():
-        if _is_empty(M) != _is_empty(r):
+        if _is_empty(M, -2) != _is_empty(r, -1):
             raise ValueError(f"{name}: give both or neither (got only one of them)")
-        if not _is_empty(M):
+        if not _is_empty(M, -2):
             tensors[name[0]], tensors[name[2]] = M, r
     for name, x in tensors.items():
         if not isinstance(x, Tensor):
@@ -170,7 +172,7 @@ def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
     data = QPData(**out)
     finite = torch.ones(B, dtype=torch.bool, device=device)
     for x in out.values():
-        finite &= torch.isfinite(x).reshape(B, -1).all(-1)
+        finite &= torch.isfinite(x).flatten(1).all(-1)
     return data, finite
 
 

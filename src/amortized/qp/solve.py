@@ -115,6 +115,8 @@ def solve_qp(
     if max_iter < 1:
         raise ValueError("max_iter must be at least 1")
     data, finite = qp_data(Q, p, G, h, A, b)
+    if data.shape[0] == 0:
+        return _empty_batch(data, [Q, p, G, h, A, b])
     if elastic is not None:
         if warm_start is not None:
             raise ValueError("warm_start is not supported in elastic mode")
@@ -156,6 +158,17 @@ def solve_qp(
             frozen=lambda: solves.frozen,
         )
     return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
+
+
+def _empty_batch(data: QPData, params: list) -> QPSolution:
+    """The solution of a batch of no problems: empty outputs, still attached to the
+    arguments' graph (their gradients are zero), so a training loop's empty batch runs."""
+    B, n, m, q = data.shape
+    anchor = sum(0 * x.sum() for x in params if isinstance(x, Tensor) and x.requires_grad)
+    z, lam, nu, s = (data.p.new_zeros(0, k) + anchor for k in (n, m, q, m))
+    empty = data.p.new_zeros(0)
+    status = torch.zeros(0, dtype=torch.long, device=data.p.device)
+    return QPSolution(z, lam, nu, s, status, status.clone(), empty, empty.clone(), empty.clone())
 
 
 def _solve_elastic(data: QPData, weight: float, **kwargs) -> QPSolution:
