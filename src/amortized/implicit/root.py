@@ -169,11 +169,7 @@ class _Implicit(torch.autograd.Function):
         wanted = [i for i in ctx.tensor_idx if ctx.needs_input_grad[offset + i]]
         v = tuple(torch.zeros_like(y) if g is None else g for y, g in zip(ys, v[: ctx.n_y], strict=False))
 
-        def F_of(ys_, ps_):
-            full = list(params)
-            for i, p in zip(wanted, ps_, strict=False):
-                full[i] = p
-            return tuple(spec.F(*ys_, *full))
+        F_of = _AdjointSpec(spec, params, wanted).F  # F(ys, θ_wanted), the rest fixed
 
         out: list[Tensor | None] = [None] * len(params)
         if not wanted:
@@ -248,8 +244,9 @@ class _Implicit(torch.autograd.Function):
 
 
 class _AdjointSpec:
-    """What `_Adjoint` needs besides tensors: the implicit call's spec and its parameter
-    list, whose entries at `tensor_idx` (None here) are the adjoint's inputs."""
+    """The implicit call's F as a function of ys and the parameters at `tensor_idx`, the
+    other entries of `params` fixed; what `_Adjoint` needs besides tensors (there the
+    entries at tensor_idx are None: they are the adjoint's inputs)."""
 
     def __init__(self, spec: _Spec, params: list, tensor_idx: list[int]):
         self.spec, self.params, self.tensor_idx = spec, params, tensor_idx
@@ -299,41 +296,59 @@ class _Adjoint(torch.autograd.Function):
         frozen = spec.frozen()
         keep = None if frozen is None else ~frozen
 
+        def dense(xs: Sequence[Tensor | None]) -> Tensors:  # shaped like u, None as zeros
+            return tuple(torch.zeros_like(ui) if x is None else x for ui, x in zip(u, xs, strict=True))
+
         def masked(xs: Sequence[Tensor | None]) -> Tensors:
-            xs = tuple(torch.zeros_like(ui) if x is None else x for ui, x in zip(u, xs, strict=True))
+            xs = dense(xs)
             if keep is None:
                 return xs
             return tuple(x * keep.reshape(-1, *(1,) * (x.dim() - 1)) for x in xs)
 
         u_bar = masked(u_bar)  # frozen rows: nothing to solve
-        if spec.solve_forward is not None:
-            w = masked(spec.solve_forward(u_bar))
-        else:
-            w = masked(_gmres_forward(aspec, ys, [t.detach() for t in tparams], u, u_bar))
+        # one graph of (∂F/∂y)ᵀu, linear in u, serves every product below: (∂F/∂y) w is its
+        # gradient in u along w (reverse mode twice; torch.func.jvp would go through
+        # torch.jit), and (ȳ, θ̄) its gradient in (y, θ)
         with torch.enable_grad():
             leaves = [x.detach().requires_grad_() for x in (*ys, *tparams)]
             u_l = [ui.detach().requires_grad_() for ui in u]
             out = aspec.F(tuple(leaves[:n]), leaves[n:])
             JTu = torch.autograd.grad(out, leaves[:n], u_l, create_graph=True, allow_unused=True)
-            pairs = [(a, i) for i, a in enumerate(JTu) if a is not None]
+        pairs = [(a, i) for i, a in enumerate(JTu) if a is not None]
+
+        def grad_inner(w: Tensors, wrt: list[Tensor]) -> list[Tensor | None]:
+            """∂/∂wrt ⟨(∂F/∂y)ᵀu, w⟩."""
             if not pairs:
-                return (None, *(None,) * n, *(None,) * k, *w)
-            # (∂F/∂y) w = ∂/∂u ⟨(∂F/∂y)ᵀu, w⟩: where it misses ū by far (measured: 0.2-0.5
-            # relative at degenerate QP solutions, 1e-7 at weakly active ones, 1e-10
-            # otherwise), the Jacobian is singular with ū outside its range, and the
-            # regularized solve's w is of the size 1/δ: zeroed, with a warning
-            Jw = torch.autograd.grad(sum((a * w[i]).sum() for a, i in pairs), u_l, retain_graph=True)
-            bad = _misses(Jw, u_bar)
-            if bool(bad.any()):
-                warnings.warn(
-                    "implicit second derivative: the Jacobian at the solution of problems "
-                    f"{bad.nonzero().flatten().tolist()[:10]} is singular (a degenerate solution, "
-                    "e.g. dependent active constraints): their second derivatives are not reliable",
-                    RuntimeWarning,
-                    stacklevel=3,
-                )
-                w = tuple(torch.where(bad.reshape(-1, *(1,) * (wi.dim() - 1)), 0.0, wi) for wi in w)
-            grads = torch.autograd.grad(sum((a * w[i]).sum() for a, i in pairs), leaves, allow_unused=True)
+                return [None] * len(wrt)
+            with torch.enable_grad():
+                inner = sum((a * w[i]).sum() for a, i in pairs)
+                return list(torch.autograd.grad(inner, wrt, retain_graph=True, allow_unused=True))
+
+        if spec.solve_forward is not None:
+            w = masked(spec.solve_forward(u_bar))
+        else:
+            # GMRES without restarts on (∂F/∂y) w (a KKT-like Jacobian stalls a restarted
+            # one); rows that do not converge warn and get w = 0
+            w = masked(_second_order_solve(lambda w_: dense(grad_inner(w_, u_l)), u_bar))
+        if not pairs:
+            return (None, *(None,) * n, *(None,) * k, *w)
+        both = grad_inner(w, [*u_l, *leaves])  # (∂F/∂y) w and (ȳ, θ̄) in one pass
+        Jw, grads = dense(both[:n]), both[n:]
+        # where (∂F/∂y) w misses ū by far (measured: 0.2-0.5 relative at degenerate QP
+        # solutions, 1e-7 at weakly active ones, 1e-10 otherwise), the Jacobian is singular
+        # with ū outside its range, and the regularized solve's w is of the size 1/δ:
+        # zeroed, with a warning
+        bad = _misses(Jw, u_bar)
+        if bool(bad.any()):
+            warnings.warn(
+                "implicit second derivative: the Jacobian at the solution of problems "
+                f"{bad.nonzero().flatten().tolist()[:10]} is singular (a degenerate solution, "
+                "e.g. dependent active constraints): their second derivatives are not reliable",
+                RuntimeWarning,
+                stacklevel=3,
+            )
+            w = tuple(torch.where(bad.reshape(-1, *(1,) * (wi.dim() - 1)), 0.0, wi) for wi in w)
+            grads = grad_inner(w, leaves)
         grads = [None if g is None else -g for g in grads]
         return (None, *(None,) * n, *grads, *w)
 
@@ -343,25 +358,6 @@ def _misses(Jw: Tensors, u_bar: Tensors) -> Tensor:
     res = _flat([a - b for a, b in zip(Jw, u_bar, strict=True)]).abs().amax(-1)
     size = _flat(u_bar).abs().amax(-1) + _flat(Jw).abs().amax(-1)
     return res > torch.finfo(res.dtype).eps ** 0.25 * size
-
-
-def _gmres_forward(
-    aspec: _AdjointSpec, ys: Tensors, tparams: list[Tensor], u: Tensors, u_bar: Tensors
-) -> Tensors:
-    """w with (∂F/∂y) w = ū by GMRES without restarts (a KKT-like Jacobian stalls a restarted
-    one), on products (∂F/∂y)w taken as the gradient of the linear map u' ↦ ⟨(∂F/∂y)ᵀu', w⟩:
-    reverse mode twice through one graph of F (torch.func.jvp would go through torch.jit).
-    Rows that do not converge warn and get w = 0."""
-    with torch.enable_grad():
-        ys_l = [y.detach().requires_grad_() for y in ys]
-        u_l = [torch.zeros_like(ui, requires_grad=True) for ui in u]
-        JTu_l = torch.autograd.grad(aspec.F(tuple(ys_l), tparams), ys_l, u_l, create_graph=True)
-
-    def matvec(w: Tensors) -> Tensors:  # (∂F/∂y) w, per problem
-        with torch.enable_grad():
-            return torch.autograd.grad(JTu_l, u_l, w, retain_graph=True)
-
-    return _second_order_solve(matvec, u_bar)
 
 
 def implicit_root(
