@@ -5,9 +5,11 @@ import torch
 
 from amortized.linalg import cholesky, col_major
 from amortized.problems.random_qp import random_qp
+from amortized.qp import solve_qp
 from amortized.qp.kkt import kkt_conditions, kkt_parameter_vjp, kkt_transpose_product
-from amortized.qp.kkt_system import KKT
-from amortized.qp.pdipm import kkt_form, scaled
+from amortized.qp.kkt_system import KKT, regularization
+from amortized.qp.nullspace import nullspace
+from amortized.qp.pdipm import kkt_form, pdipm, scaled
 from amortized.qp.problem import QPData, qp_data
 
 
@@ -119,6 +121,12 @@ def test_dual_form_with_equality_rows_solves_the_kkt_system(active_set):
     assert kkt.ok.all()
     got = torch.cat(kkt.solve(*r, refine=0), -1)  # unrefined: the factors alone
 
+    torch.testing.assert_close(got, _dense_solve(d, D, r), rtol=1e-9, atol=1e-9)
+
+
+def _dense_solve(d: QPData, D: torch.Tensor, r: list[torch.Tensor]) -> torch.Tensor:
+    """The system of `KKT` solved densely (rows with D = ∞ dropped: y_i = 0 there)."""
+    B, n, m, q = d.shape
     absent = torch.isinf(D)
     K = torch.zeros(B, n + m + q, n + m + q, dtype=torch.float64)
     K[:, :n, :n], K[:, :n, n : n + m], K[:, :n, n + m :] = d.Q, d.G.mT, d.A.mT
@@ -129,8 +137,58 @@ def test_dual_form_with_equality_rows_solves_the_kkt_system(active_set):
         for i in rows[absent[k]]:
             K[k, i], K[k, :, i], K[k, i, i] = 0.0, 0.0, 1.0
     rhs = torch.cat([r[0], torch.where(absent, 0.0, r[1]), r[2]], -1)
-    want = torch.linalg.solve(K, rhs)
-    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+    return torch.linalg.solve(K, rhs)
+
+
+@pytest.mark.parametrize("active_set", [False, True])
+def test_nullspace_form_solves_the_kkt_system(active_set):
+    """The null-space elimination of the equality rows (`Nullspace` in `KKT`): its
+    unrefined solution against the dense solve, for interior D and for an active set."""
+    g = torch.Generator().manual_seed(7)
+    B, n, m, q = 3, 8, 6, 3
+    d = qp_data(*random_qp(B, n, m, q, generator=g))[0]
+    rho = regularization(torch.float64)
+    ns = nullspace(d, torch.ones(B, dtype=torch.bool), rho)
+    assert ns is not None and ns.d.shape == (B, n - q, m, 0)
+    D = torch.rand(B, m, generator=g, dtype=torch.float64) + 0.1
+    if active_set:
+        D[:, 0], D[:, 1], D[1, 2] = 0.0, torch.inf, torch.inf
+    r = [torch.randn(B, k, generator=g, dtype=torch.float64) for k in (n, m, q)]
+    kkt = KKT(d, D, rho=rho, delta=rho, nullspace=ns, active_set=active_set)
+    assert kkt.ok.all() and kkt.form == "nullspace"
+    got = torch.cat(kkt.solve(*r, refine=0), -1)
+    torch.testing.assert_close(got, _dense_solve(d, D, r), rtol=1e-9, atol=1e-9)
+
+
+def test_nullspace_reduced_qp_lifts_to_the_full_solution():
+    """The reduced QP (Q̃ = NᵀQN, p̃, G̃ = GN, h̃) solved, then lifted: the same z, λ, ν as
+    the full problem's solve without the reduction."""
+    g = torch.Generator().manual_seed(8)
+    d, active = qp_data(*random_qp(4, 12, 10, 5, generator=g))
+    ns = nullspace(d, active, regularization(torch.float64))
+    red = solve_qp(ns.d.Q, ns.d.p, ns.d.G, ns.d.h)
+    z, nu = ns.lift(red.z, red.lam)
+    full = pdipm(d, active, eps=1e-12, max_iter=100, reduce=False)
+    torch.testing.assert_close(z, full.it.z, rtol=0, atol=1e-9)
+    torch.testing.assert_close(red.lam, full.it.lam, rtol=0, atol=1e-9)
+    torch.testing.assert_close(nu, full.it.nu, rtol=0, atol=1e-9)
+
+
+def test_nullspace_declines_what_it_cannot_eliminate():
+    """None (the solver then keeps its other forms) for a repeated row of A or a Q singular
+    on A's null space (an LP), unless only in a problem marked inactive."""
+    g = torch.Generator().manual_seed(9)
+    Q, p, G, h, A, b = random_qp(3, 8, 6, 3, generator=g)
+    rho = regularization(torch.float64)
+    every = torch.ones(3, dtype=torch.bool)
+    repeated = A.clone()
+    repeated[1, 2] = repeated[1, 0]
+    assert nullspace(qp_data(Q, p, G, h, repeated, b)[0], every, rho) is None
+    lp = Q.clone()
+    lp[2] = 0.0
+    assert nullspace(qp_data(lp, p, G, h, A, b)[0], every, rho) is None
+    only_first = torch.tensor([True, False, False])
+    assert nullspace(qp_data(lp, p, G, h, repeated, b)[0], only_first, rho) is not None
 
 
 def test_dual_form_factors_dependent_equality_rows():

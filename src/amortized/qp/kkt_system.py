@@ -40,8 +40,8 @@ from amortized.linalg import (
     col_major,
     factor_saddle,
     fix_rows,
-    inf_norm,
 )
+from amortized.qp.nullspace import Nullspace, comfortable_cholesky
 from amortized.qp.problem import QPData
 
 
@@ -89,13 +89,10 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
     (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one.
     The equality rows of C H⁻¹ Cᵀ get δ plus ε·max|diag|, grown as in `KKT._factor_dual`
     where rounding leaves them indefinite (dependent rows of A), and are eliminated."""
-    scale = 1 + inf_norm(d.Q, (-2, -1))
-    H = col_major(d.Q)  # factored in place
-    H.diagonal(dim1=-2, dim2=-1).add_(rho)
-    L, ok = cholesky(H, overwrite=True)
-    pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
-    if not bool((ok & (pivot >= torch.finfo(d.Q.dtype).eps ** 0.5 * scale)).all()):
+    L = comfortable_cholesky(d.Q, rho)
+    if L is None:
         return None
+    ok = torch.ones(d.shape[0], dtype=torch.bool, device=L.device)
     HinvCt = cholesky_solve(L, d.C.mT)
     M = d.C @ HinvCt
     B, n, m, q = d.shape
@@ -128,14 +125,23 @@ class KKT:
         rho: float,
         delta: float,
         base: DualBase | None = None,
+        nullspace: Nullspace | None = None,
         active_set: bool = False,
     ):
         self.d, self.D, self.active_set = d, D, active_set
-        self._r1 = None
+        self._r1 = self._r_e = None
         self.absent = torch.isinf(D) if active_set else None
         # the form only, not the dual base: its M is not needed once S is factored
-        self.form = "separable" if d.sep is not None else "dual" if base is not None else "primal"
-        if self.form == "separable":
+        if d.sep is not None:
+            self.form = "separable"
+        else:
+            self.form = "nullspace" if nullspace is not None else "dual" if base is not None else "primal"
+        if self.form == "nullspace":
+            # the primal form of the reduced system, which has no equality rows
+            self.ns = nullspace
+            self.inner = KKT(nullspace.d, D, rho=rho, delta=delta, active_set=active_set)
+            self.ok = self.inner.ok
+        elif self.form == "separable":
             self._factor_separable(rho, delta)
         elif self.form == "dual":
             self._factor_dual(base, delta)
@@ -270,6 +276,13 @@ class KKT:
         m = r_i.shape[-1]
         if self.form == "separable":
             return self._solve_separable(r1, r_i, r_e)
+        if self.form == "nullspace":
+            if r1 is not self._r1 or r_e is not self._r_e:  # predictor and corrector share them
+                self._r1, self._r_e, self._prepared = r1, r_e, self.ns.split(r1, r_e)
+            x_Y, Ut_r1, r1_N, GYx_Y = self._prepared
+            x_N, y_i, _ = self.inner._solve_once(r1_N, r_i - GYx_Y, r_e[..., :0])
+            x, y_e = self.ns.join(x_Y, Ut_r1, x_N, y_i)
+            return x, y_i, y_e
         if self.active_set:
             r_i = torch.where(self.absent, 0.0, r_i)
         if self.form == "dual":

@@ -28,7 +28,8 @@ import torch
 from torch import Tensor
 
 from amortized.linalg import bmv, brmv
-from amortized.qp.kkt_system import KKT, DualBase, dual_base, regularization
+from amortized.qp.kkt_system import KKT, dual_base, regularization
+from amortized.qp.nullspace import Nullspace, comfortable_cholesky, nullspace
 from amortized.qp.problem import QPData
 from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
@@ -53,6 +54,12 @@ class Iterate:
 
 # the primal form's largest regularization, before a failed factorization means NUMERICAL
 _RHO_MAX = 1e-4
+# its starting ρ = δ, as a multiple of √ε
+_RHO_RELAXED = 10
+# the null-space reduced problem's iterations before the full one takes over: random
+# well-posed QPs take 8-15, while on some badly conditioned problems of Maros–Meszaros the
+# reduced one (factored without the primal form's safeguards) converges far slower or not
+_REDUCED_MAX_ITER = 25
 # a residual within _ROUNDING·ε of the magnitudes summed in it is zero to working precision
 _ROUNDING = 10
 
@@ -294,6 +301,11 @@ class PDIPMResult:
     scaling: Scaling
     kkt_args: dict
 
+    @property
+    def relaxed(self) -> bool:
+        """Whether the KKT factor is the dense primal form for singular Q (`_relaxed`)."""
+        return _relaxed(self.d, self.kkt_args)
+
     @cached_property
     def kkt(self) -> KKT:
         """The KKT system at the solution, for the implicit backward: factored on first use,
@@ -312,10 +324,12 @@ def pdipm(
     warm_start: Tensor | None = None,
     polish: bool = True,
     scale: bool = True,
+    reduce: bool = True,
 ) -> PDIPMResult:
     """Solve the problems where `active` (B,) is True; the others are reported NUMERICAL.
     The iterations run on the Ruiz-scaled problem (`scale`); every test below is made on
-    the original one.
+    the original one. In float64, many equality rows (n − q ≤ m, `reduce`) are eliminated
+    first where that is safe for the whole batch (`_reduced`).
 
     SOLVED: primal, dual residual and gap all ≤ eps relative to their scales (and ≤ eps_abs
     when given, or within _ROUNDING·ε of the magnitudes summed in them where that is larger,
@@ -327,10 +341,15 @@ def pdipm(
     ≤ eps_inf·(−pᵀx), with ‖z‖∞ ≥ 1/eps_inf·(1 + ‖h‖∞ + ‖b‖∞) (a solution that large is
     the only way a bounded problem could pass).
     """
-    orig_G = d.G
+    kwargs = dict(eps=eps, max_iter=max_iter, eps_abs=eps_abs, check_every=check_every, polish=polish)
+    orig, orig_G = d, d.G
     d, sc = scaled(d, scale)
     B, n, m, q = d.shape
     dtype = d.p.dtype
+    if reduce and d.sep is None and dtype == torch.float64 and q and 0 < n - q <= m:
+        ns = nullspace(d, active, regularization(dtype))
+        if ns is not None:
+            return _reduced(orig, d, sc, ns, active, warm_start, **kwargs)
     finfo = torch.finfo(dtype)
     kkt_args = kkt_form(d)
     rho = kkt_args["rho"]
@@ -353,13 +372,13 @@ def pdipm(
     tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
     # the loop works on the problems still running, compacted as they finish
     idx = torch.arange(B, device=d.p.device)
-    # only the dense primal form relaxes its ρ (the dual and separable forms' is already small)
-    dense_primal = kkt_args["base"] is None and d.sep is None
+    # only the dense primal form for singular Q relaxes its ρ (the others' is already small)
+    relaxed = _relaxed(d, kkt_args)
     # Newton directions need not be exact (convergence is judged on true residuals, and the
     # polish refines its own solves), except in float32's dense primal form, whose large
     # ρ, δ and squared conditioning fail more problems without a refinement step
-    refine = 1 if dense_primal and dtype != torch.float64 else 0
-    w_rho = torch.full((B,), rho, dtype=dtype, device=d.p.device) if dense_primal else None
+    refine = 1 if relaxed and dtype != torch.float64 else 0
+    w_rho = torch.full((B,), rho, dtype=dtype, device=d.p.device) if relaxed else None
     w = _Work(d, sc, kkt_args, it, active.clone(), status, iters, tried, w_rho)
 
     for k in range(max_iter + 1):
@@ -443,6 +462,45 @@ def pdipm(
     return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig_G, sc, kkt_args)
 
 
+def _reduced(
+    orig: QPData, d: QPData, sc: Scaling, ns: Nullspace, active: Tensor, warm_start: Tensor | None, **kwargs
+) -> PDIPMResult:
+    """`pdipm` on the null-space reduced problem of the scaled data d (`nullspace`): its
+    iterations, polish and factorizations have n − q unknowns and no equality rows, and its
+    answer lifts to (z, ν) exactly (`Nullspace.lift`). Problems whose lifted answer fails the
+    tests on the original problem `orig`, that the reduced problem reports NUMERICAL,
+    INFEASIBLE or UNBOUNDED (the certificates are the full problem's), or that it has not
+    solved in _REDUCED_MAX_ITER iterations, are solved again without the reduction; MAX_ITER
+    stands when max_iter is smaller. The backward factors the full KKT system by the same
+    elimination."""
+    B, n, m, q = d.shape
+    w0 = None if warm_start is None else brmv(ns.U, (warm_start / sc.D).expand(B, n))[..., q:]
+    cap = min(kwargs["max_iter"], _REDUCED_MAX_ITER)
+    r = pdipm(ns.d, active, warm_start=w0, scale=False, reduce=False, **dict(kwargs, max_iter=cap))
+    z, nu = ns.lift(r.it.z, r.it.lam)
+    it = Iterate(z, r.it.s, r.it.lam, nu)
+    res = Residuals(d, it, sc)
+    status, iters, D = r.status, r.iters, r.D
+    failed = (status == SOLVED) & ~res.meets(kwargs["eps"], kwargs["eps_abs"])
+    stopped = (status == MAX_ITER) & (cap < kwargs["max_iter"])
+    no_answer = (status == NUMERICAL) | (status == INFEASIBLE) | (status == UNBOUNDED)
+    retry = active & (failed | stopped | no_answer)
+    if bool(retry.any()):
+        idx = retry.nonzero().squeeze(-1)
+        ws = None if warm_start is None else warm_start.expand(B, n)[idx]
+        f = pdipm(orig.index(idx), active[idx], warm_start=ws, reduce=False, **kwargs)
+        it_f = Iterate(*sc.index(idx).scale(*f.it.fields()))
+        it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), it_f.fields())))
+        status, iters = status.index_copy(0, idx, f.status), iters.index_copy(0, idx, iters[idx] + f.iters)
+        # f's compliance is in its own scaling's terms, unless 0 or ∞ (a polished active set)
+        D_f = torch.where((f.D == 0) | torch.isinf(f.D), f.D, it_f.s / it_f.lam)
+        D = D.index_copy(0, idx, D_f)
+        res = Residuals(d, it, sc)
+    rho = regularization(d.p.dtype)
+    kkt_args = {"rho": rho, "delta": rho, "base": None, "nullspace": ns}
+    return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig.G, sc, kkt_args)
+
+
 def scaled(d: QPData, scale: bool = True) -> tuple[QPData, Scaling]:
     """The data the iterations run on: Ruiz-scaled (or not), with their separable structure
     detected, and the scaling."""
@@ -452,19 +510,42 @@ def scaled(d: QPData, scale: bool = True) -> tuple[QPData, Scaling]:
 
 def kkt_form(d: QPData) -> dict:
     """The keyword arguments of `KKT` for these data: which factorization, and its ρ, δ.
-    A diagonal H (bounds, z ≥ 0 with diagonal Q) is the cheapest form of all; otherwise the
-    dual elimination is better conditioned, and in float64 the primal one is cheaper for
-    m + q ≫ n."""
+    A diagonal H (bounds, z ≥ 0 with diagonal Q) is the cheapest form of all. In float64,
+    an inequality-only problem with fewer unknowns than rows (n < m, as the null-space
+    reduced problems of `_reduced` mostly are) and a positive definite Q factors
+    H = Q + GᵀWG, the smaller system. Otherwise the dual elimination is better conditioned,
+    and in float64 the primal one (`_relaxed`) is cheaper for m + q ≫ n."""
     B, n, m, q = d.shape
     rho = delta = regularization(d.p.dtype)
-    use_dual = d.sep is None and (m + q <= 2 * n or d.p.dtype != torch.float64)
-    base: DualBase | None = dual_base(d, rho, delta) if use_dual else None
-    if base is None and d.sep is None:
-        # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
-        # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
-        # proximal term ρ(z − z_k) they slow the steps but do not move the solution
-        rho = delta = 10 * torch.finfo(d.p.dtype).eps ** 0.5
-    return {"rho": rho, "delta": delta, "base": base}
+    args = {"rho": rho, "delta": delta, "base": None, "nullspace": None}
+    if d.sep is not None:
+        return args
+    f64 = d.p.dtype == torch.float64
+    if f64 and not q and n < m:
+        if comfortable_cholesky(d.Q, rho) is not None:
+            return args
+    elif m + q <= 2 * n or not f64:
+        base = dual_base(d, rho, delta)
+        if base is not None:
+            return dict(args, base=base)
+    # the primal form (singular Q, LPs) keeps near-active rows in a Schur complement
+    # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
+    # proximal term ρ(z − z_k) they slow the steps but do not move the solution
+    rho = delta = _RHO_RELAXED * torch.finfo(d.p.dtype).eps ** 0.5
+    return dict(args, rho=rho, delta=delta)
+
+
+def _relaxed(d: QPData, kkt_args: dict) -> bool:
+    """Whether these are the dense primal form's arguments for Q that may be singular, whose
+    ρ = δ the iterations relax with μ (see `kkt_form`)."""
+    relaxed = kkt_args["rho"] >= _RHO_RELAXED * torch.finfo(d.p.dtype).eps ** 0.5
+    return d.sep is None and kkt_args["base"] is None and kkt_args["nullspace"] is None and relaxed
+
+
+def _index_args(kkt_args: dict, idx: Tensor) -> dict:
+    """The KKT arguments of the problems idx."""
+    base, ns = kkt_args["base"], kkt_args["nullspace"]
+    return dict(kkt_args, base=base and base.index(idx), nullspace=ns and ns.index(idx))
 
 
 def _no_scaling(d: QPData) -> Scaling:
@@ -524,8 +605,7 @@ class _Work:
     rho: Tensor | None = None  # (B,) the primal form's regularization of the iterations
 
     def index(self, keep: Tensor) -> "_Work":
-        base = self.kkt_args["base"]
-        args = dict(self.kkt_args, base=None if base is None else base.index(keep))
+        args = _index_args(self.kkt_args, keep)
         it = Iterate(*(x[keep] for x in self.it.fields()))
         return _Work(
             self.d.index(keep),
@@ -632,7 +712,7 @@ def _polish(
     Returns the iterate, the compliance D of the active set (0 active, ∞ dropped) and the
     done mask."""
     # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
-    n_refine = 10 if kkt_args["base"] is None and d.sep is None else 3
+    n_refine = 10 if _relaxed(d, kkt_args) else 3
     idx = ready.nonzero().squeeze(-1)
     hard = it.lam[idx] > it.s[idx]
     z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
@@ -682,5 +762,4 @@ def _subset(d: QPData, kkt_args: dict, idx: Tensor) -> tuple[QPData, dict]:
     the whole batch, which keeps the polish of a large batch from doubling the memory."""
     if len(idx) == d.shape[0]:
         return d, kkt_args
-    base = kkt_args["base"]
-    return d.index(idx), dict(kkt_args, base=None if base is None else base.index(idx))
+    return d.index(idx), _index_args(kkt_args, idx)

@@ -38,6 +38,12 @@ class Scaling:
         """E_G (B, m), E_A (B, q)."""
         return self.E[..., :m], self.E[..., m:]
 
+    def scale(self, z: Tensor, s: Tensor, lam: Tensor, nu: Tensor):
+        """The scaled problem's (z, s, λ, ν) from the original problem's."""
+        E_G, E_A = self.split(s.shape[-1])
+        c = self.c.unsqueeze(-1)
+        return z / self.D, s * E_G, c * lam / E_G, c * nu / E_A
+
     def unscale(self, z: Tensor, s: Tensor, lam: Tensor, nu: Tensor):
         """The original problem's (z, s, λ, ν) from the scaled problem's."""
         E_G, E_A = self.split(s.shape[-1])
