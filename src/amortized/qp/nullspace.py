@@ -104,5 +104,7 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     GU = d.G @ U
     ns = Nullspace(U, R, UtQU[..., :q], GU[..., :q].contiguous(), None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)
-    reduced = QPData(Q_N, -neg_p_N, GU[..., q:], d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
+    # contiguous: each iteration forms G̃ᵀW, five times slower from a strided slice
+    G_N = GU[..., q:].contiguous()
+    reduced = QPData(Q_N.contiguous(), -neg_p_N, G_N, d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
     return replace(ns, d=reduced, z_Y=z_Y, Ut_p=-neg_Ut_p)
