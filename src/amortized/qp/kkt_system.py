@@ -226,8 +226,12 @@ class KKT:
             self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
         else:
             self.W = 1 / D
-        # H = GᵀWG + Q, the sum formed in place (the same bits as Q + GᵀWG)
-        H = ((d.G.mT * self.W.unsqueeze(-2)) @ d.G).add_(d.Q) if D.shape[-1] else d.Q.clone()
+        # H = GᵀWG + Q, the sum formed in place (the same bits as Q + GᵀWG); an active set
+        # (D ∈ {0, ∞}, the polish and the backward) has W = 0
+        if D.shape[-1] and (not self.active_set or bool(soft.any())):
+            H = ((d.G.mT * self.W.unsqueeze(-2)) @ d.G).add_(d.Q)
+        else:
+            H = d.Q.clone()
         Hd = H.diagonal(dim1=-2, dim2=-1)
         # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
         Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
