@@ -76,7 +76,7 @@ def test_nonfinite_input_marks_only_that_problem(qp, where, bad):
 
 def test_max_iter_is_reported_not_solved(qp):
     sol = am.solve_qp(*qp, max_iter=2)
-    assert (sol.status == am.QPStatus.MAX_ITER).all()
+    assert (sol.status == am.QPStatus.MAX_ITER).all() and (sol.iters == 2).all()
     assert am.QPStatus.MAX_ITER.message.startswith("not converged")
 
 

@@ -5,6 +5,7 @@ import pytest
 import torch
 
 import amortized as am
+import amortized.qp.pdipm as pdipm_module
 from amortized.problems.random_qp import FAMILIES
 from reference import clarabel_qp
 
@@ -114,3 +115,16 @@ def test_infeasible_problem_flagged_while_others_solve():
     for k in (0, 1, 3):
         alone = am.solve_qp(Q[k], p[k], G[k], h[k], A[k], b[k]).z[0]
         torch.testing.assert_close(sol.z[k], alone, rtol=0, atol=1e-9)
+
+
+def test_reduced_problem_hands_over_to_the_full_one(monkeypatch):
+    """float64 problems with many equality rows iterate in A's null space (`pdipm._reduced`);
+    those it does not solve in _REDUCED_MAX_ITER iterations are solved again on the full
+    problem: capped at 2 here, every problem is, and ends SOLVED at the same answer."""
+    data = FAMILIES["optnet"](4, torch.float64, torch.Generator().manual_seed(7))
+    want = am.solve_qp(*data)
+    monkeypatch.setattr(pdipm_module, "_REDUCED_MAX_ITER", 2)
+    got = am.solve_qp(*data)
+    assert got.solved.all() and (got.iters > 2).all()
+    for a, b in ((got.z, want.z), (got.lam, want.lam), (got.nu, want.nu)):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

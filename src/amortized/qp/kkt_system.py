@@ -6,7 +6,7 @@
 
 with a compliance D (B, m) ≥ 0 per inequality row: D = s/λ inside the interior point
 method, D = 0 for a row held as an equality (the active set of the polish), D = ∞ for a row
-left out. Three factorizations, chosen per batch:
+left out. Four factorizations, chosen per batch:
 
 * "primal": eliminate the rows with 0 < D < ∞ into H = Q + Gᵀ D⁻¹ G (Cholesky of n × n),
   the rest by a Schur complement. Works for singular Q (LPs); its conditioning grows with
@@ -19,6 +19,9 @@ left out. Three factorizations, chosen per batch:
   each iteration only factors the m × m rest, plus diag(D).
   Well conditioned at any λ/s, which float32 needs (qpth's elimination); needs Q
   comfortably positive definite.
+* "nullspace": the equality rows eliminated by a basis of A's null space (`Nullspace`),
+  the rest by the primal form of the reduced system (n − q unknowns, no equality rows):
+  the backward of problems that the interior point method solved in that reduced space.
 
 All regularize (ρ on x, δ on equality rows) so that singular Q and rank-deficient A
 factor, and `solve` refines against the exact system.

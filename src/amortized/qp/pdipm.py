@@ -350,6 +350,9 @@ def pdipm(
         ns = nullspace(d, active, regularization(dtype))
         if ns is not None:
             return _reduced(orig, d, sc, ns, active, warm_start, **kwargs)
+    # the caller's data go once scaled (solve_qp hands over its only reference: a large
+    # symmetrized copy of Q is freed here)
+    del orig
     finfo = torch.finfo(dtype)
     kkt_args = kkt_form(d)
     rho = kkt_args["rho"]
