@@ -203,6 +203,26 @@ def test_gradient_at_weakly_active_constraint_is_finite():
         assert torch.isfinite(x.grad).all()
 
 
+@pytest.mark.parametrize("q", [0, 3])
+def test_gradient_at_an_overdetermined_vertex_is_finite_and_not_zero(q):
+    """Every row of G tight at z0 (30 rows, 12 unknowns) and Q of condition 1e6: the
+    backward's Schur complement over the active rows is singular up to rounding, so its
+    regularization must grow where the Cholesky fails; before, these SOLVED problems got a
+    "did not factor" warning (an error under this suite's filterwarnings) and zero
+    gradients. With q = 3 equality rows the null-space form factors it."""
+    g = torch.Generator().manual_seed(0)
+    B, n, m = 2, 12, 30
+    r = lambda *s: torch.randn(*s, generator=g, dtype=torch.float64)
+    U = torch.linalg.qr(r(B, n, n)).Q
+    Q = U @ torch.diag_embed(torch.logspace(0, -6, n, dtype=torch.float64)) @ U.mT
+    p, G, z0, A = 10 * r(B, n), r(B, m, n), r(B, n, 1), r(B, q, n)
+    h = (G @ z0).squeeze(-1).requires_grad_()
+    sol = am.solve_qp(Q, p, G, h, A, (A @ z0).squeeze(-1))
+    assert sol.solved.all()
+    (grad,) = torch.autograd.grad(sol.z.sum(), h)
+    assert torch.isfinite(grad).all() and (grad.abs().amax(-1) > 1e-3).all()
+
+
 def test_backward_warns_and_zeroes_gradients_where_the_kkt_system_does_not_factor(monkeypatch):
     """A solved problem whose KKT system at the solution fails to factor in the backward gets
     a zero gradient and a warning, never the garbage of a failed factor."""

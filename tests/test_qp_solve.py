@@ -120,11 +120,14 @@ def test_infeasible_problem_flagged_while_others_solve():
 def test_reduced_problem_hands_over_to_the_full_one(monkeypatch):
     """float64 problems with many equality rows iterate in A's null space (`pdipm._reduced`);
     those it does not solve in _REDUCED_MAX_ITER iterations are solved again on the full
-    problem: capped at 2 here, every problem is, and ends SOLVED at the same answer."""
+    problem: capped at 2 here, every problem is, and ends SOLVED at the same answer,
+    reporting the full solve's iterations (≤ max_iter)."""
     data = FAMILIES["optnet"](4, torch.float64, torch.Generator().manual_seed(7))
     want = am.solve_qp(*data)
     monkeypatch.setattr(pdipm_module, "_REDUCED_MAX_ITER", 2)
     got = am.solve_qp(*data)
     assert got.solved.all() and (got.iters > 2).all()
+    capped = am.solve_qp(*data, max_iter=4)  # 2 reduced, then 4 on the full problem
+    assert (capped.iters <= 4).all() and not capped.solved.any()
     for a, b in ((got.z, want.z), (got.lam, want.lam), (got.nu, want.nu)):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-9)

@@ -95,9 +95,10 @@ class SaddleFactor:
         return x0 - bmv(self.HinvCt, y), y
 
 
-def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor) -> SaddleFactor:
+def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor, grow: bool = False) -> SaddleFactor:
     """Factor the saddle system for H positive definite, (B, n, n) or its diagonal (B, n),
-    C (B, k, n) and δ a scalar or (B, k)."""
+    C (B, k, n) and δ a scalar or (B, k). `grow`: where S fails to factor, grow δ by up to
+    (30k)³·ε·max diag(S) instead of reporting the failure."""
     if H.dim() == C.dim() - 1:
         L_H, ok = H, (H > 0).all(-1)
         HinvCt = C.mT / H.unsqueeze(-1)
@@ -107,6 +108,16 @@ def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor) -> SaddleFactor:
     if C.shape[-2] == 0:
         return SaddleFactor(L_H, HinvCt, C.new_zeros(C.shape[:-2] + (0, 0)), ok)
     S = C @ HinvCt
-    S.diagonal(dim1=-2, dim2=-1).add_(delta)  # in place: no diagonal matrix, no second S
+    diag = S.diagonal(dim1=-2, dim2=-1)
+    diag.add_(delta)  # in place: no diagonal matrix, no second S
     L_S, ok_S = cholesky(S)
+    # where rows of C are (nearly) dependent (e.g. more active rows than unknowns), rounding
+    # of the size ε·max diag(S) can leave S indefinite despite a tiny δ
+    floor = torch.finfo(S.dtype).eps * diag.abs().amax(-1, keepdim=True)
+    for _ in range(3 if grow else 0):
+        if bool(ok_S.all()):
+            break
+        floor = floor * 30 * S.shape[-1]
+        diag.add_(torch.where(ok_S.unsqueeze(-1), 0.0, floor))
+        L_S, ok_S = cholesky(S)
     return SaddleFactor(L_H, HinvCt, L_S, ok & ok_S)

@@ -118,7 +118,10 @@ class KKT:
     """The system above, factored. `active_set=True` allows D ∈ {0, ∞} entries (the polish
     and the backward; also the primal form's interior point iterations, where it splits
     rows by D ≤ 1); otherwise 0 < D < ∞, which skips the masking work. Separable data
-    (`d.sep`) always use the separable form, for any D."""
+    (`d.sep`) always use the separable form, for any D. `grow_delta`: where a Schur
+    complement (the rows eliminated last) fails to factor, grow its δ (as the dual form
+    always does) rather than report the failure; off for the dense primal form for singular
+    Q, whose iterations retry with a larger ρ = δ instead (`pdipm._factor_primal`)."""
 
     def __init__(
         self,
@@ -130,6 +133,7 @@ class KKT:
         base: DualBase | None = None,
         nullspace: Nullspace | None = None,
         active_set: bool = False,
+        grow_delta: bool = True,
     ):
         self.d, self.D, self.active_set = d, D, active_set
         self._r1 = self._r_e = None
@@ -142,14 +146,15 @@ class KKT:
         if self.form == "nullspace":
             # the primal form of the reduced system, which has no equality rows
             self.ns = nullspace
-            self.inner = KKT(nullspace.d, D, rho=rho, delta=delta, active_set=active_set)
+            args = dict(rho=rho, delta=delta, active_set=active_set, grow_delta=grow_delta)
+            self.inner = KKT(nullspace.d, D, **args)
             self.ok = self.inner.ok
         elif self.form == "separable":
-            self._factor_separable(rho, delta)
+            self._factor_separable(rho, delta, grow_delta)
         elif self.form == "dual":
             self._factor_dual(base, delta)
         else:
-            self._factor_primal(rho, delta)
+            self._factor_primal(rho, delta, grow_delta)
 
     def factors_only(self) -> "KKT":
         """This system for unrefined solves (`solve(..., refine=0)`) only, without the data
@@ -161,7 +166,7 @@ class KKT:
         light.d = None  # `apply`, hence refinement, reads the data
         return light
 
-    def _factor_separable(self, rho: float, delta: float) -> None:
+    def _factor_separable(self, rho: float, delta: float, grow_delta: bool) -> None:
         """Separable data: row i of G is g_i at column j_i, H = diag(Q) + ρ. Every row is
         eliminated per variable: one row per variable (its smallest D) exactly through the
         2×2 block [[h̃_j, g_i], [g_i, −D_i]], so D = 0 (an active row) fixes z_j without a
@@ -189,7 +194,7 @@ class KKT:
         self.g_v = per_var(torch.where(self.pair, self.g, 0.0), "sum")
         self.D_v = per_var(torch.where(self.pair, self.Dd, 0.0), "sum") + (self.g_v == 0)
         self.Delta = self.H_t * self.D_v + self.g_v**2
-        self.factor = factor_saddle(self.Delta / self.D_v, d.A, delta)  # H = 1/e
+        self.factor = factor_saddle(self.Delta / self.D_v, d.A, delta, grow_delta)  # H = 1/e
         self.ok = self.factor.ok & torch.isfinite(self.Delta).all(-1)
 
     def _factor_dual(self, base: DualBase, delta: float) -> None:
@@ -218,7 +223,7 @@ class KKT:
         self.factor = SaddleFactor(base.L_H, base.HinvCt, L_S, ok & base.ok, base.fixed)
         self.ok = self.factor.ok
 
-    def _factor_primal(self, rho: float, delta: float) -> None:
+    def _factor_primal(self, rho: float, delta: float, grow_delta: bool) -> None:
         d, D = self.d, self.D
         # rows with D ≤ 1 (λ ≥ s: active or nearly) stay in the Schur complement and only
         # W = 1/D ≤ 1 is eliminated, so H = Q + GᵀWG stays well conditioned however extreme
@@ -249,9 +254,9 @@ class KKT:
             G_h = d.G.expand(B, m, n).gather(-2, self.rows.unsqueeze(-1).expand(B, k, n))
             C = torch.cat([G_h * self.valid.unsqueeze(-1), d.A.expand(B, *d.A.shape[-2:])], dim=-2)
             D_h = torch.where(self.valid, D.gather(-1, self.rows) + delta, 1.0)
-            self.factor = factor_saddle(H, C, torch.cat([D_h, torch.zeros_like(d.b) + delta], -1))
+            self.factor = factor_saddle(H, C, torch.cat([D_h, torch.zeros_like(d.b) + delta], -1), grow_delta)
         else:
-            self.factor = factor_saddle(H, d.A, delta)
+            self.factor = factor_saddle(H, d.A, delta, grow_delta)
         self.ok = self.factor.ok
 
     def apply(

@@ -102,7 +102,8 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     if comfortable_cholesky(torch.where(active[:, None, None], Q_N, eye), rho) is None:
         return None
     GU = d.G @ U
-    ns = Nullspace(U, R, UtQU[..., :q], GU[..., :q].contiguous(), None, None, None)
+    # copies, not views that would keep all of UᵀQU and GU alive with the backward's factor
+    ns = Nullspace(U, R, UtQU[..., :q].contiguous(), GU[..., :q].contiguous(), None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)
     # contiguous: each iteration forms G̃ᵀW, five times slower from a strided slice
     G_N = GU[..., q:].contiguous()

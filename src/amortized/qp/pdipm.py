@@ -304,7 +304,7 @@ class PDIPMResult:
     @property
     def relaxed(self) -> bool:
         """Whether the KKT factor is the dense primal form for singular Q (`_relaxed`)."""
-        return _relaxed(self.d, self.kkt_args)
+        return _relaxed(self.kkt_args)
 
     @cached_property
     def kkt(self) -> KKT:
@@ -341,7 +341,8 @@ def pdipm(
     ≤ eps_inf·(−pᵀx), with ‖z‖∞ ≥ 1/eps_inf·(1 + ‖h‖∞ + ‖b‖∞) (a solution that large is
     the only way a bounded problem could pass).
     """
-    kwargs = dict(eps=eps, max_iter=max_iter, eps_abs=eps_abs, check_every=check_every, polish=polish)
+    kwargs = dict(eps=eps, max_iter=max_iter, eps_abs=eps_abs, check_every=check_every)
+    kwargs.update(polish=polish, scale=scale)
     orig, orig_G = d, d.G
     d, sc = scaled(d, scale)
     B, n, m, q = d.shape
@@ -376,7 +377,7 @@ def pdipm(
     # the loop works on the problems still running, compacted as they finish
     idx = torch.arange(B, device=d.p.device)
     # only the dense primal form for singular Q relaxes its ρ (the others' is already small)
-    relaxed = _relaxed(d, kkt_args)
+    relaxed = _relaxed(kkt_args)
     # Newton directions need not be exact (convergence is judged on true residuals, and the
     # polish refines its own solves), except in float32's dense primal form, whose large
     # ρ, δ and squared conditioning fail more problems without a refinement step
@@ -473,13 +474,13 @@ def _reduced(
     answer lifts to (z, ν) exactly (`Nullspace.lift`). Problems whose lifted answer fails the
     tests on the original problem `orig`, that the reduced problem reports NUMERICAL,
     INFEASIBLE or UNBOUNDED (the certificates are the full problem's), or that it has not
-    solved in _REDUCED_MAX_ITER iterations, are solved again without the reduction; MAX_ITER
-    stands when max_iter is smaller. The backward factors the full KKT system by the same
-    elimination."""
+    solved in _REDUCED_MAX_ITER iterations, are solved again without the reduction (and
+    report that solve's iterations); MAX_ITER stands when max_iter is smaller. The backward
+    factors the full KKT system by the same elimination."""
     B, n, m, q = d.shape
     w0 = None if warm_start is None else brmv(ns.U, (warm_start / sc.D).expand(B, n))[..., q:]
     cap = min(kwargs["max_iter"], _REDUCED_MAX_ITER)
-    r = pdipm(ns.d, active, warm_start=w0, scale=False, reduce=False, **dict(kwargs, max_iter=cap))
+    r = pdipm(ns.d, active, warm_start=w0, reduce=False, **dict(kwargs, max_iter=cap, scale=False))
     z, nu = ns.lift(r.it.z, r.it.lam)
     it = Iterate(z, r.it.s, r.it.lam, nu)
     res = Residuals(d, it, sc)
@@ -494,13 +495,13 @@ def _reduced(
         f = pdipm(orig.index(idx), active[idx], warm_start=ws, reduce=False, **kwargs)
         it_f = Iterate(*sc.index(idx).scale(*f.it.fields()))
         it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), it_f.fields())))
-        status, iters = status.index_copy(0, idx, f.status), iters.index_copy(0, idx, iters[idx] + f.iters)
+        status, iters = status.index_copy(0, idx, f.status), iters.index_copy(0, idx, f.iters)
         # f's compliance is in its own scaling's terms, unless 0 or ∞ (a polished active set)
         D_f = torch.where((f.D == 0) | torch.isinf(f.D), f.D, it_f.s / it_f.lam)
         D = D.index_copy(0, idx, D_f)
         res = Residuals(d, it, sc)
     rho = regularization(d.p.dtype)
-    kkt_args = {"rho": rho, "delta": rho, "base": None, "nullspace": ns}
+    kkt_args = {"rho": rho, "delta": rho, "base": None, "nullspace": ns, "grow_delta": True}
     return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig.G, sc, kkt_args)
 
 
@@ -520,7 +521,7 @@ def kkt_form(d: QPData) -> dict:
     and in float64 the primal one (`_relaxed`) is cheaper for m + q ≫ n."""
     B, n, m, q = d.shape
     rho = delta = regularization(d.p.dtype)
-    args = {"rho": rho, "delta": delta, "base": None, "nullspace": None}
+    args = {"rho": rho, "delta": delta, "base": None, "nullspace": None, "grow_delta": True}
     if d.sep is not None:
         return args
     f64 = d.p.dtype == torch.float64
@@ -535,14 +536,14 @@ def kkt_form(d: QPData) -> dict:
     # C (Q + GᵀWG + ρI)⁻¹ Cᵀ that squares the conditioning: ρ, δ must not be tiny; as a
     # proximal term ρ(z − z_k) they slow the steps but do not move the solution
     rho = delta = _RHO_RELAXED * torch.finfo(d.p.dtype).eps ** 0.5
-    return dict(args, rho=rho, delta=delta)
+    return dict(args, rho=rho, delta=delta, grow_delta=False)
 
 
-def _relaxed(d: QPData, kkt_args: dict) -> bool:
+def _relaxed(kkt_args: dict) -> bool:
     """Whether these are the dense primal form's arguments for Q that may be singular, whose
-    ρ = δ the iterations relax with μ (see `kkt_form`)."""
-    relaxed = kkt_args["rho"] >= _RHO_RELAXED * torch.finfo(d.p.dtype).eps ** 0.5
-    return d.sep is None and kkt_args["base"] is None and kkt_args["nullspace"] is None and relaxed
+    ρ = δ the iterations relax with μ (see `kkt_form`): the only ones that leave a failed
+    factorization to their callers (`grow_delta` off)."""
+    return not kkt_args["grow_delta"]
 
 
 def _index_args(kkt_args: dict, idx: Tensor) -> dict:
@@ -715,7 +716,7 @@ def _polish(
     Returns the iterate, the compliance D of the active set (0 active, ∞ dropped) and the
     done mask."""
     # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
-    n_refine = 10 if _relaxed(d, kkt_args) else 3
+    n_refine = 10 if _relaxed(kkt_args) else 3
     idx = ready.nonzero().squeeze(-1)
     hard = it.lam[idx] > it.s[idx]
     z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
