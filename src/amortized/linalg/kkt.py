@@ -111,13 +111,14 @@ def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor, grow: bool = Fals
     diag = S.diagonal(dim1=-2, dim2=-1)
     diag.add_(delta)  # in place: no diagonal matrix, no second S
     L_S, ok_S = cholesky(S)
-    # where rows of C are (nearly) dependent (e.g. more active rows than unknowns), rounding
-    # of the size ε·max diag(S) can leave S indefinite despite a tiny δ
-    floor = torch.finfo(S.dtype).eps * diag.abs().amax(-1, keepdim=True)
-    for _ in range(3 if grow else 0):
-        if bool(ok_S.all()):
-            break
-        floor = floor * 30 * S.shape[-1]
-        diag.add_(torch.where(ok_S.unsqueeze(-1), 0.0, floor))
-        L_S, ok_S = cholesky(S)
+    if grow and not bool(ok_S.all()):
+        # where rows of C are (nearly) dependent (e.g. more active rows than unknowns),
+        # rounding of the size ε·max diag(S) can leave S indefinite despite a tiny δ
+        floor = torch.finfo(S.dtype).eps * diag.abs().amax(-1, keepdim=True)
+        for _ in range(3):
+            floor = floor * 30 * S.shape[-1]
+            diag.add_(torch.where(ok_S.unsqueeze(-1), 0.0, floor))
+            L_S, ok_S = cholesky(S)
+            if bool(ok_S.all()):
+                break
     return SaddleFactor(L_H, HinvCt, L_S, ok & ok_S)
