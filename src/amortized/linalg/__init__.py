@@ -1,7 +1,7 @@
 """Batched linear algebra: Cholesky with failure flags, block elimination of KKT systems, and
 matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit backward passes."""
 
-from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major
+from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major, comfortable_cholesky
 from amortized.linalg.kkt import FixedRows, SaddleFactor, factor_saddle, fix_rows
 from amortized.linalg.matvec import bmv, brmv, inf_norm
 
@@ -9,6 +9,7 @@ __all__ = [
     "cholesky",
     "cholesky_solve",
     "col_major",
+    "comfortable_cholesky",
     "FixedRows",
     "SaddleFactor",
     "factor_saddle",

@@ -8,6 +8,8 @@ both the fast and the safe choice.
 import torch
 from torch import Tensor
 
+from amortized.linalg.matvec import inf_norm
+
 
 def cholesky(M: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     """Factor M = L Lᵀ for a batch of symmetric matrices (only the lower triangle is read).
@@ -50,3 +52,16 @@ def cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
     U = L.mT
     x = torch.linalg.solve_triangular(U, torch.linalg.solve_triangular(U.mT, R, upper=False), upper=True)
     return x.squeeze(-1) if vec else x
+
+
+def comfortable_cholesky(Q: Tensor, rho: float) -> Tensor | None:
+    """L = chol(Q + ρI), or None when Q is not comfortably positive definite in every
+    problem: a failed factorization or a smallest pivot below √ε·(1 + max|Q|)."""
+    scale = 1 + inf_norm(Q, (-2, -1))
+    H = col_major(Q)  # factored in place
+    H.diagonal(dim1=-2, dim2=-1).add_(rho)
+    L, ok = cholesky(H, overwrite=True)
+    pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
+    if not bool((ok & (pivot >= torch.finfo(Q.dtype).eps ** 0.5 * scale)).all()):
+        return None
+    return L

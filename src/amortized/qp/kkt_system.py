@@ -41,10 +41,11 @@ from amortized.linalg import (
     cholesky,
     cholesky_solve,
     col_major,
+    comfortable_cholesky,
     factor_saddle,
     fix_rows,
 )
-from amortized.qp.nullspace import Nullspace, comfortable_cholesky
+from amortized.qp.nullspace import Nullspace
 from amortized.qp.problem import QPData
 
 

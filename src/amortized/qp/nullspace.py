@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv, cholesky, col_major, inf_norm
+from amortized.linalg import bmv, brmv, comfortable_cholesky
 from amortized.qp.problem import QPData
 
 
@@ -63,19 +63,6 @@ class Nullspace:
         """(z, ν) of the full QP from the reduced one's (w, λ): the join for the QP's own right
         sides r1 = −p, r_e = b, so that ν solves the Y rows of Qz + p + Gᵀλ + Aᵀν = 0."""
         return self.join(self.z_Y, -self.Ut_p, w, lam)
-
-
-def comfortable_cholesky(Q: Tensor, rho: float) -> Tensor | None:
-    """L = chol(Q + ρI), or None when Q is not comfortably positive definite in every
-    problem: a failed factorization or a smallest pivot below √ε·(1 + max|Q|)."""
-    scale = 1 + inf_norm(Q, (-2, -1))
-    H = col_major(Q)  # factored in place
-    H.diagonal(dim1=-2, dim2=-1).add_(rho)
-    L, ok = cholesky(H, overwrite=True)
-    pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
-    if not bool((ok & (pivot >= torch.finfo(Q.dtype).eps ** 0.5 * scale)).all()):
-        return None
-    return L
 
 
 def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:

@@ -27,9 +27,9 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv
+from amortized.linalg import bmv, brmv, comfortable_cholesky
 from amortized.qp.kkt_system import KKT, dual_base, regularization
-from amortized.qp.nullspace import Nullspace, comfortable_cholesky, nullspace
+from amortized.qp.nullspace import Nullspace, nullspace
 from amortized.qp.problem import QPData
 from amortized.qp.scaling import Scaling, ruiz
 from amortized.qp.status import QPStatus
