@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from amortized.linalg import cholesky, col_major
+from amortized.linalg import cholesky, col_major, complete_qr
 from amortized.problems.random_qp import random_qp
 from amortized.qp import solve_qp
 from amortized.qp.kkt import kkt_conditions, kkt_parameter_vjp, kkt_transpose_product
@@ -47,7 +47,8 @@ def test_kkt_conditions_and_parameter_vjp_match_the_plain_formula(batch):
     for a, b in zip(got, want):
         assert a.shape == b.shape
         torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
-    assert torch.equal(got[0], got[0].mT)  # F reads only Q's symmetric part
+    # F reads only Q's symmetric part (its cotangent is one product, symmetric to rounding)
+    torch.testing.assert_close(got[0], got[0].mT, rtol=0, atol=1e-15 * float(got[0].abs().max()))
     some = kkt_parameter_vjp(*ys, params, cot, [3, 0])  # only those asked for, in that order
     assert [x.shape for x in some] == [params[3].shape, params[0].shape]
 
@@ -72,13 +73,19 @@ def test_cholesky_overwrite_factors_in_place_and_bitwise_the_same():
     g = torch.Generator().manual_seed(0)
     X = torch.randn(3, 40, 40, generator=g, dtype=torch.float64)
     M = X @ X.mT + torch.eye(40, dtype=torch.float64)
-    M[0, 5, 7] += 1e-3  # not exactly symmetric: only the lower triangle may be read
+    M = (M + M.mT) / 2  # exactly symmetric: col_major may lay out its transpose
     L, ok = cholesky(M)
     S = col_major(M)
-    assert torch.equal(S, M) and S.mT.is_contiguous()
+    assert torch.equal(S, M) and S.mT.is_contiguous() and S.data_ptr() != M.data_ptr()
+    assert col_major(M, copy=False).data_ptr() == M.data_ptr()  # a view of the transpose
+    shared = col_major(M[0].expand(3, 40, 40), copy=False)  # neither layout: copied
+    assert torch.equal(shared, M[0].expand(3, 40, 40)) and shared.mT.is_contiguous()
     L_in, ok_in = cholesky(S, overwrite=True)
     assert L_in.data_ptr() == S.data_ptr()
     assert torch.equal(L_in, L) and ok_in.all() and ok.all()
+    # only one triangle is read: M's upper one, through the transpose
+    M[0, 7, 5] += 1e-3
+    assert torch.equal(cholesky(col_major(M), overwrite=True)[0][0], L[0])
     # a failure is still reported per matrix, with the identity in its place
     bad = col_major(M)
     bad[1] = -torch.eye(40, dtype=torch.float64)
@@ -87,6 +94,25 @@ def test_cholesky_overwrite_factors_in_place_and_bitwise_the_same():
     assert torch.equal(L_bad[1], torch.eye(40, dtype=torch.float64)) and torch.equal(L_bad[2], L[2])
     with pytest.raises(ValueError, match="column-major"):
         cholesky(M.clone(), overwrite=True)
+
+
+@pytest.mark.parametrize("case", ["random", "reduced columns", "rank deficient", "float32"])
+def test_complete_qr_matches_lapack(case):
+    """The compact WY form of U against torch's orgqr, including reflectors geqrf skips
+    (τ = 0: columns already reduced, zero columns)."""
+    g = torch.Generator().manual_seed(1)
+    dtype = torch.float32 if case == "float32" else torch.float64
+    M = torch.randn(4, 12, 5, generator=g, dtype=dtype)
+    if case == "reduced columns":
+        M[:, :, :2] = torch.eye(12, 2, dtype=dtype)  # equality rows fixing variables
+    if case == "rank deficient":
+        M[:, :, 3] = 0.0
+    U, R = complete_qr(M)
+    U_ref, R_ref = torch.linalg.qr(M, mode="complete")
+    tol = 1e-5 if dtype == torch.float32 else 1e-13
+    torch.testing.assert_close(U, U_ref, rtol=0, atol=tol)
+    torch.testing.assert_close(R, R_ref[..., :5, :], rtol=0, atol=tol)
+    torch.testing.assert_close(U.mT @ U, torch.eye(12, dtype=dtype).expand(4, 12, 12), rtol=0, atol=tol)
 
 
 def _dual_form_kkt(A_rows=None, seed=3):

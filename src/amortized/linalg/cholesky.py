@@ -36,10 +36,17 @@ def cholesky(M: Tensor, *, overwrite: bool = False) -> tuple[Tensor, Tensor]:
     return L, ok
 
 
-def col_major(M: Tensor) -> Tensor:
-    """A copy of M (..., n, n) laid out column-major per matrix, the layout in which
-    `cholesky(·, overwrite=True)` factors without a second matrix."""
-    return M.clone() if M.mT.is_contiguous() else M.mT.contiguous().mT
+def col_major(M: Tensor, *, copy: bool = True) -> Tensor:
+    """A symmetric M (..., n, n) laid out column-major per matrix, the layout in which
+    `cholesky(·, overwrite=True)` factors without a second matrix: a copy, or with
+    copy=False M itself where it has that layout or is row-major (its transpose is the same
+    matrix: the factorization then reads M's upper triangle, equal up to rounding where M is
+    formed by products)."""
+    if M.mT.is_contiguous():
+        return M.clone() if copy else M
+    if M.is_contiguous():
+        return M.clone().mT if copy else M.mT  # a plain copy is 2–3× faster than a transposing one
+    return M.mT.contiguous().mT
 
 
 def cholesky_solve(L: Tensor, r: Tensor) -> Tensor:

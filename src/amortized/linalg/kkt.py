@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from amortized.linalg.cholesky import cholesky, cholesky_solve
+from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major
 from amortized.linalg.matvec import bmv, brmv
 
 
@@ -98,27 +98,36 @@ class SaddleFactor:
 def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor, grow: bool = False) -> SaddleFactor:
     """Factor the saddle system for H positive definite, (B, n, n) or its diagonal (B, n),
     C (B, k, n) and δ a scalar or (B, k). `grow`: where S fails to factor, grow δ by up to
-    (30k)³·ε·max diag(S) instead of reporting the failure."""
+    (30k)³·ε·max diag(S) instead of reporting the failure.
+
+    A dense H is consumed: it is factored in place (`col_major`), as is S."""
     if H.dim() == C.dim() - 1:
         L_H, ok = H, (H > 0).all(-1)
         HinvCt = C.mT / H.unsqueeze(-1)
     else:
-        L_H, ok = cholesky(H)
+        L_H, ok = cholesky(col_major(H, copy=False), overwrite=True)
         HinvCt = cholesky_solve(L_H, C.mT) if C.shape[-2] else C.mT
     if C.shape[-2] == 0:
         return SaddleFactor(L_H, HinvCt, C.new_zeros(C.shape[:-2] + (0, 0)), ok)
-    S = C @ HinvCt
-    diag = S.diagonal(dim1=-2, dim2=-1)
-    diag.add_(delta)  # in place: no diagonal matrix, no second S
-    L_S, ok_S = cholesky(S)
+
+    def schur(floor: Tensor | float = 0.0) -> Tensor:
+        S = C @ HinvCt
+        S.diagonal(dim1=-2, dim2=-1).add_(delta + floor)  # in place: no diagonal matrix
+        return S
+
+    S = schur()
+    L_S, ok_S = cholesky(col_major(S, copy=False), overwrite=True)
     if grow and not bool(ok_S.all()):
         # where rows of C are (nearly) dependent (e.g. more active rows than unknowns),
-        # rounding of the size ε·max diag(S) can leave S indefinite despite a tiny δ
-        floor = torch.finfo(S.dtype).eps * diag.abs().amax(-1, keepdim=True)
+        # rounding of the size ε·max diag(S) can leave S indefinite despite a tiny δ; the
+        # failed factorization destroyed S, formed again for each try
+        S = schur()
+        floor = torch.finfo(S.dtype).eps * S.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)
+        growth = torch.zeros_like(floor)
         for _ in range(3):
             floor = floor * 30 * S.shape[-1]
-            diag.add_(torch.where(ok_S.unsqueeze(-1), 0.0, floor))
-            L_S, ok_S = cholesky(S)
+            growth = torch.where(ok_S.unsqueeze(-1), growth, growth + floor)
+            L_S, ok_S = cholesky(col_major(schur(growth), copy=False), overwrite=True)
             if bool(ok_S.all()):
                 break
     return SaddleFactor(L_H, HinvCt, L_S, ok & ok_S)

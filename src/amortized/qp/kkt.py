@@ -41,14 +41,15 @@ def kkt_parameter_vjp(z, lam, nu, params, w, wanted) -> list[Tensor]:
     A: ν w_zᵀ + w_ν zᵀ,      b: −w_ν,
 
     each summed over the batch where its parameter is shared. Each matrix gradient is one
-    batched product (`_outer_sum`), and no symmetrized Q is formed."""
+    batched product (`_outer_sum`) of two columns by two rows (Q's is symmetric to rounding:
+    a transposed sum P + Pᵀ would cost more than the product)."""
     Q, p, G, h, A, b = params
     w_z, w_lam, w_nu = w
     lam_w = lam * w_lam
     # y w_zᵀ + w_y zᵀ = [y w_y][w_z z]ᵀ, one product
     outer2 = lambda M, y, w_y: _outer_sum(M, torch.stack([y, w_y], -1), torch.stack([w_z, z], -2))
     grads = {
-        0: lambda: _symmetric(_outer_sum(Q, w_z.unsqueeze(-1), z.unsqueeze(-2))),
+        0: lambda: _outer_sum(Q, torch.stack([w_z, z], -1), torch.stack([z, w_z], -2)).mul_(0.5),
         1: lambda: w_z.sum_to_size(p.shape),
         2: lambda: outer2(G, lam, lam_w),
         3: lambda: (-lam_w).sum_to_size(h.shape),
@@ -56,10 +57,6 @@ def kkt_parameter_vjp(z, lam, nu, params, w, wanted) -> list[Tensor]:
         5: lambda: (-w_nu).sum_to_size(b.shape),
     }
     return [grads[i]() for i in wanted]
-
-
-def _symmetric(P: Tensor) -> Tensor:
-    return (P + P.mT).mul_(0.5)
 
 
 def _outer_sum(M: Tensor, U: Tensor, V: Tensor) -> Tensor:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv, comfortable_cholesky
+from amortized.linalg import bmv, brmv, comfortable_cholesky, complete_qr
 from amortized.qp.problem import QPData
 
 
@@ -72,8 +72,7 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     (the reduced problem is then factored without a safeguard against a singular Q̃). The
     other problems get U = I, R = I: finite data whose answers the caller discards."""
     B, n, m, q = d.shape
-    U, R = torch.linalg.qr(d.A.mT, mode="complete")
-    R = R[..., :q, :]
+    U, R = complete_qr(d.A.mT)
     r = R.diagonal(dim1=-2, dim2=-1).abs()
     full_rank = r.amin(-1) > torch.finfo(r.dtype).eps ** (1 / 3) * r.amax(-1)
     if not bool((full_rank | ~active).all()):
@@ -83,16 +82,15 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
         U = torch.where(keep, U, torch.eye(n, dtype=U.dtype, device=U.device))
         R = torch.where(keep, R, torch.eye(q, dtype=R.dtype, device=R.device))
     R = R.contiguous()  # a slice of neither layout would be copied at every solve
-    UtQU = U.mT @ (d.Q @ U)
-    Q_N = UtQU[..., q:, q:]
+    # only the blocks used: T = UᵀQY and Q̃ = NᵀQN, not all of UᵀQU
+    QU = d.Q @ U
+    N = U[..., q:]
+    T, Q_N = U.mT @ QU[..., :q], N.mT @ QU[..., q:]
     eye = torch.eye(n - q, dtype=U.dtype, device=U.device)
     if comfortable_cholesky(torch.where(active[:, None, None], Q_N, eye), rho) is None:
         return None
-    GU = d.G @ U
-    # copies, not views that would keep all of UᵀQU and GU alive with the backward's factor
-    ns = Nullspace(U, R, UtQU[..., :q].contiguous(), GU[..., :q].contiguous(), None, None, None)
+    ns = Nullspace(U, R, T, d.G @ U[..., :q], None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)
-    # contiguous: each iteration forms G̃ᵀW, five times slower from a strided slice
-    G_N = GU[..., q:].contiguous()
-    reduced = QPData(Q_N.contiguous(), -neg_p_N, G_N, d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
+    G_N = d.G @ N
+    reduced = QPData(Q_N, -neg_p_N, G_N, d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
     return replace(ns, d=reduced, z_Y=z_Y, Ut_p=-neg_Ut_p)

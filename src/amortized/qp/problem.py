@@ -172,7 +172,10 @@ def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
     data = QPData(**out)
     finite = torch.ones(B, dtype=torch.bool, device=device)
     for x in out.values():
-        finite &= torch.isfinite(x).flatten(1).all(-1)
+        if x.numel():
+            # max|x| is finite exactly where every entry is (NaN and ±Inf reach it): two
+            # reductions, without the mask of torch.isfinite(x), 4 ms for a (128, 100, 100) Q
+            finite &= torch.isfinite(inf_norm(x, tuple(range(1, x.dim()))))
     return data, finite
 
 

@@ -71,7 +71,7 @@ def ruiz(d: QPData, iters: int = 10, tol: float = 0.5) -> tuple[QPData, Scaling]
     D = d.p.new_ones(B, n)
     E = d.p.new_ones(B, C.shape[-2])
     for _ in range(iters):
-        col = inf_norm(Q, -2)
+        col = inf_norm(Q, -1)  # Q is symmetric: its row norms, the faster reduction
         if C.shape[-2]:
             col = torch.maximum(col, inf_norm(C, -2))
             row = inf_norm(C, -1)
@@ -84,7 +84,7 @@ def ruiz(d: QPData, iters: int = 10, tol: float = 0.5) -> tuple[QPData, Scaling]
         C.mul_(dE.unsqueeze(-1)).mul_(dD.unsqueeze(-2))
         D, E = D * dD, E * dE
     p = D * d.p
-    cost = torch.maximum(inf_norm(Q, -2).mean(-1), inf_norm(p, -1))
+    cost = torch.maximum(inf_norm(Q, -1).mean(-1), inf_norm(p, -1))
     c = 1 / torch.where(cost > 0, cost, 1.0).clamp(_MIN, _MAX)
     scaled = QPData(
         Q.mul_(c[:, None, None]),
