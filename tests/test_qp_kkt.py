@@ -115,6 +115,23 @@ def test_complete_qr_matches_lapack(case):
     torch.testing.assert_close(U.mT @ U, torch.eye(12, dtype=dtype).expand(4, 12, 12), rtol=0, atol=tol)
 
 
+def test_factor_of_Q_is_kept_for_the_data_and_their_subsets():
+    g = torch.Generator().manual_seed(2)
+    Q, p, G, h, A, b = random_qp(4, 6, 5, 0, generator=g)
+    d = qp_data(Q, p, G, h)[0]
+    L = d.factor_Q(1e-10)
+    torch.testing.assert_close(L @ L.mT, d.Q + 1e-10 * torch.eye(6, dtype=Q.dtype), rtol=0, atol=1e-13)
+    assert d.factor_Q(1e-10) is L  # computed once
+    idx = torch.tensor([2, 0])
+    assert torch.equal(d.index(idx).factor_Q(1e-10), L[idx])  # a subset keeps its rows
+    Q_bad = Q.clone()
+    Q_bad[1] = -Q_bad[1]
+    bad = qp_data(Q_bad, p, G, h)[0]
+    assert bad.factor_Q(1e-10) is None
+    # a subset keeps its batch's answer (the same KKT form), even without the bad problem
+    assert bad.index(torch.tensor([0, 2])).factor_Q(1e-10) is None
+
+
 def _dual_form_kkt(A_rows=None, seed=3):
     g = torch.Generator().manual_seed(seed)
     B, n, m, q = 3, 8, 6, 3

@@ -95,17 +95,24 @@ class SaddleFactor:
         return x0 - bmv(self.HinvCt, y), y
 
 
-def factor_saddle(H: Tensor, C: Tensor, delta: float | Tensor, grow: bool = False) -> SaddleFactor:
+def factor_saddle(
+    H: Tensor | None, C: Tensor, delta: float | Tensor, grow: bool = False, L_H: Tensor | None = None
+) -> SaddleFactor:
     """Factor the saddle system for H positive definite, (B, n, n) or its diagonal (B, n),
     C (B, k, n) and δ a scalar or (B, k). `grow`: where S fails to factor, grow δ by up to
-    (30k)³·ε·max diag(S) instead of reporting the failure.
+    (30k)³·ε·max diag(S) instead of reporting the failure. L_H: H's Cholesky factor when
+    the caller has it (H is then None).
 
     A dense H is consumed: it is factored in place (`col_major`), as is S."""
-    if H.dim() == C.dim() - 1:
+    if L_H is not None:
+        ok = torch.ones(C.shape[:-2], dtype=torch.bool, device=C.device)
+    elif H.dim() == C.dim() - 1:
         L_H, ok = H, (H > 0).all(-1)
-        HinvCt = C.mT / H.unsqueeze(-1)
     else:
         L_H, ok = cholesky(col_major(H, copy=False), overwrite=True)
+    if L_H.dim() == C.dim() - 1:
+        HinvCt = C.mT / L_H.unsqueeze(-1)
+    else:
         HinvCt = cholesky_solve(L_H, C.mT) if C.shape[-2] else C.mT
     if C.shape[-2] == 0:
         return SaddleFactor(L_H, HinvCt, C.new_zeros(C.shape[:-2] + (0, 0)), ok)

@@ -41,7 +41,6 @@ from amortized.linalg import (
     cholesky,
     cholesky_solve,
     col_major,
-    comfortable_cholesky,
     factor_saddle,
     fix_rows,
 )
@@ -93,7 +92,7 @@ def dual_base(d: QPData, rho: float, delta: float) -> DualBase | None:
     (smallest Cholesky pivot below √ε·(1 + max|Q|)), where the primal form is the safer one.
     The equality rows of C H⁻¹ Cᵀ get δ plus ε·max|diag|, grown as in `KKT._factor_dual`
     where rounding leaves them indefinite (dependent rows of A), and are eliminated."""
-    L = comfortable_cholesky(d.Q, rho)
+    L = d.factor_Q(rho)
     if L is None:
         return None
     ok = torch.ones(d.shape[0], dtype=torch.bool, device=L.device)
@@ -237,13 +236,17 @@ class KKT:
             self.W = 1 / D
         # H = GᵀWG + Q, the sum formed in place (the same bits as Q + GᵀWG); an active set
         # (D ∈ {0, ∞}, the polish and the backward) has W = 0
+        H = L_H = None
         if D.shape[-1] and (not self.active_set or bool(soft.any())):
             H = ((d.G.mT * self.W.unsqueeze(-2)) @ d.G).add_(d.Q)
-        else:
+        elif isinstance(rho, float):
+            L_H = d.factor_Q(rho)  # H = Q + ρI, factored once for every active set (or None)
+        if H is None and L_H is None:
             H = d.Q.clone()
-        Hd = H.diagonal(dim1=-2, dim2=-1)
-        # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
-        Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
+        if H is not None:
+            Hd = H.diagonal(dim1=-2, dim2=-1)
+            # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
+            Hd += rho + 4 * Hd.shape[-1] * torch.finfo(D.dtype).eps * Hd.abs().amax(-1, keepdim=True)
         if self.active_set:
             # only the hard rows enter the Schur complement, gathered to the front (`rows`,
             # B × k for the batch's largest count k, `valid` marking the padding): a tall
@@ -255,9 +258,11 @@ class KKT:
             G_h = d.G.expand(B, m, n).gather(-2, self.rows.unsqueeze(-1).expand(B, k, n))
             C = torch.cat([G_h * self.valid.unsqueeze(-1), d.A.expand(B, *d.A.shape[-2:])], dim=-2)
             D_h = torch.where(self.valid, D.gather(-1, self.rows) + delta, 1.0)
-            self.factor = factor_saddle(H, C, torch.cat([D_h, torch.zeros_like(d.b) + delta], -1), grow_delta)
+            self.factor = factor_saddle(
+                H, C, torch.cat([D_h, torch.zeros_like(d.b) + delta], -1), grow_delta, L_H
+            )
         else:
-            self.factor = factor_saddle(H, d.A, delta, grow_delta)
+            self.factor = factor_saddle(H, d.A, delta, grow_delta, L_H)
         self.ok = self.factor.ok
 
     def apply(

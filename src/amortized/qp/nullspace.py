@@ -87,10 +87,13 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     N = U[..., q:]
     T, Q_N = U.mT @ QU[..., :q], N.mT @ QU[..., q:]
     eye = torch.eye(n - q, dtype=U.dtype, device=U.device)
-    if comfortable_cholesky(torch.where(active[:, None, None], Q_N, eye), rho) is None:
+    L_N = comfortable_cholesky(torch.where(active[:, None, None], Q_N, eye), rho)
+    if L_N is None:
         return None
     ns = Nullspace(U, R, T, d.G @ U[..., :q], None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)
     G_N = d.G @ N
     reduced = QPData(Q_N, -neg_p_N, G_N, d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
+    if bool(active.all()):
+        reduced.factor_Q(rho, L_N)  # what the reduced problem's factorizations will ask for
     return replace(ns, d=reduced, z_Y=z_Y, Ut_p=-neg_Ut_p)

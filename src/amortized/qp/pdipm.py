@@ -27,7 +27,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv, comfortable_cholesky
+from amortized.linalg import bmv, brmv
 from amortized.qp.kkt_system import KKT, dual_base, regularization
 from amortized.qp.nullspace import Nullspace, nullspace
 from amortized.qp.problem import QPData
@@ -263,7 +263,9 @@ def _initial_point(d: QPData, kkt_args: dict, warm_start: Tensor | None) -> Iter
     and duals shifted into the interior."""
     B, n, m, q = d.shape
     kkt = KKT(d, d.p.new_ones(B, m), **kkt_args)
-    z, _, nu = kkt.solve(-d.p, d.h, d.b)
+    # refined only without inequalities, where this is the solution; otherwise the start is
+    # shifted anyway and need not be accurate
+    z, _, nu = kkt.solve(-d.p, d.h, d.b, refine=0 if m else 1)
     if warm_start is not None:
         z = warm_start.expand(B, n).to(d.p)
     if m == 0:
@@ -526,7 +528,7 @@ def kkt_form(d: QPData) -> dict:
         return args
     f64 = d.p.dtype == torch.float64
     if f64 and not q and n < m:
-        if comfortable_cholesky(d.Q, rho) is not None:
+        if d.factor_Q(rho) is not None:
             return args
     elif m + q <= 2 * n or not f64:
         base = dual_base(d, rho, delta)

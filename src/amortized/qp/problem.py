@@ -11,7 +11,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv, cholesky, col_major, inf_norm
+from amortized.linalg import bmv, brmv, cholesky, col_major, comfortable_cholesky, inf_norm
 
 
 @dataclass(frozen=True)
@@ -42,9 +42,26 @@ class QPData:
     sep: Separable | None = None
 
     def index(self, idx: Tensor) -> "QPData":
-        """The problems idx (a LongTensor of batch indices)."""
+        """The problems idx (a LongTensor of batch indices), with the factors of Q known."""
         sep = None if self.sep is None else self.sep.index(idx)
-        return QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)), sep=sep)
+        sub = QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)), sep=sep)
+        if "_factors_Q" in vars(self):
+            # a subset keeps its batch's answer, None included: the same KKT form throughout
+            factors = {rho: L if L is None else L[idx] for rho, L in vars(self)["_factors_Q"].items()}
+            vars(sub)["_factors_Q"] = factors
+        return sub
+
+    def factor_Q(self, rho: float, L: Tensor | None = None) -> Tensor | None:
+        """chol(Q + ρI) (B, n, n), or None when Q is not comfortably positive definite in
+        every problem (`comfortable_cholesky`): computed once per ρ (or given as L by a
+        caller that factored Q) and kept, since the choice of the KKT form, each factorization
+        of an active set (the polish, the backward) and the dual form's base all ask."""
+        factors = vars(self).setdefault("_factors_Q", {})
+        if L is not None:
+            factors[rho] = L
+        if rho not in factors:
+            factors[rho] = comfortable_cholesky(self.Q, rho)
+        return factors[rho]
 
     def to(self, dtype: torch.dtype) -> "QPData":
         """The same data in another dtype."""
