@@ -137,6 +137,7 @@ class KKT:
     ):
         self.d, self.D, self.active_set = d, D, active_set
         self._r1 = self._r_e = None
+        self._Gx: tuple[Tensor, Tensor] | None = None  # (x, Gx) of the last primal-form solve
         self.absent = torch.isinf(D) if active_set else None
         # the form only, not the dual base: its M is not needed once S is factored
         if d.sep is not None:
@@ -313,11 +314,20 @@ class KKT:
         if self.active_set:
             k = self.rows.shape[-1]
             x, y = self.factor.solve(r1, torch.cat([r_i.gather(-1, self.rows) * self.valid, r_e], -1))
+            self._Gx = x, bmv(self.d.G, x)
             y_hard = torch.zeros_like(r_i).scatter(-1, self.rows, y[..., :k])
-            y_i = torch.where(self.hard, y_hard, self.W * (bmv(self.d.G, x) - r_i))
+            y_i = torch.where(self.hard, y_hard, self.W * (self._Gx[1] - r_i))
             return x, y_i, y[..., k:]
         x, y_e = self.factor.solve(r1, r_e)
-        return x, self.W * (bmv(self.d.G, x) - r_i), y_e
+        self._Gx = x, bmv(self.d.G, x)
+        return x, self.W * (self._Gx[1] - r_i), y_e
+
+    def Gx(self, x: Tensor) -> Tensor:
+        """Gx for x (B, n): the product the last solve formed when x is its answer (the
+        primal form's y_i needs it, and so does the interior point step's ds), else anew."""
+        if self._Gx is not None and self._Gx[0] is x:
+            return self._Gx[1]
+        return self.d.Gx(x)
 
     def solve(
         self,

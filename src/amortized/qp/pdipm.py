@@ -241,7 +241,7 @@ def newton(
     # exceed s itself and block the step: take ds from the linearized complementarity
     # −(r_c + s∘dλ)/λ instead, which moves that error into the primal residual
     low = s < lam if low is None else low
-    ds = torch.where(low, (s * dlam).add_(r_c).div_(lam).neg_(), res.neg_r_i - kkt.d.Gx(dz))
+    ds = torch.where(low, (s * dlam).add_(r_c).div_(lam).neg_(), res.neg_r_i - kkt.Gx(dz))
     return Iterate(dz, ds, dlam, dnu)
 
 

@@ -179,7 +179,7 @@ def qp_data(Q, p, G=None, h=None, A=None, b=None) -> tuple[QPData, Tensor]:
 
     # only the symmetric part of Q enters zᵀQz; symmetrized before broadcasting, and not
     # copied at all when already symmetric (a shared or large Q stays one tensor)
-    Q = Q if torch.equal(Q, Q.mT) else 0.5 * (Q + Q.mT)
+    Q = Q if torch.equal(Q, Q.mT) else (Q + Q.mT).mul_(0.5)  # in place: one (B, n, n) less
     out = {"Q": full(Q, 2), "p": full(p, 1)}
     for M, r in (("G", "h"), ("A", "b")):
         if M in tensors:
