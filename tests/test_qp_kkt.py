@@ -252,6 +252,26 @@ def test_dual_form_factors_dependent_equality_rows():
         torch.testing.assert_close(a, want, rtol=0, atol=1e-7)
 
 
+def test_refinement_until_noise_skips_the_step_that_would_only_confirm(monkeypatch):
+    """float64, the polish's active set: the factor's ρ = δ ≈ 1e-10 leaves a first
+    correction of about 1e-10 relative, so the next one is predicted below the noise floor
+    and not taken; the answer is the fully refined one to rounding."""
+    g = torch.Generator().manual_seed(4)
+    B, n, m, q = 8, 12, 10, 3
+    d = scaled(qp_data(*random_qp(B, n, m, q, generator=g))[0])[0]
+    D = torch.full((B, m), torch.inf, dtype=torch.float64)
+    D[:, :4] = 0.0
+    r = [torch.randn(B, k, generator=g, dtype=torch.float64) for k in (n, m, q)]
+    kkt = KKT(d, D, active_set=True, **kkt_form(d))
+    want = torch.cat(kkt.solve(*r, refine=10), -1)
+    applied = []
+    apply = KKT.apply
+    monkeypatch.setattr(KKT, "apply", lambda self, *a: applied.append(1) or apply(self, *a))
+    got = torch.cat(kkt.solve(*r, refine=10, until_noise=True), -1)
+    assert len(applied) == 1
+    torch.testing.assert_close(got, want, rtol=0, atol=1e-13 * float(want.abs().max()))
+
+
 def test_wide_refinement_makes_a_float32_factor_accurate_to_float32():
     """Mixed-precision refinement (`wide=True`, the float32 polish): residuals in float64
     take a float32 solve of an ill-conditioned system (Q's eigenvalues 10^-2.5 … 1) to
