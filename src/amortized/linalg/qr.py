@@ -25,4 +25,4 @@ def complete_qr(M: Tensor) -> tuple[Tensor, Tensor]:
     eye = torch.eye(k, dtype=M.dtype, device=M.device).expand(T_inv.shape)
     T = torch.linalg.solve_triangular(T_inv, eye, upper=True)
     U = torch.baddbmm(torch.eye(n, dtype=M.dtype, device=M.device), V @ T, V.mT, alpha=-1)
-    return U, a[..., :k, :].triu()
+    return U, a[..., :k, :].triu()  # a contiguous copy: every iteration solves with R

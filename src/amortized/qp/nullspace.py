@@ -81,7 +81,6 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
         keep = active[:, None, None]
         U = torch.where(keep, U, torch.eye(n, dtype=U.dtype, device=U.device))
         R = torch.where(keep, R, torch.eye(q, dtype=R.dtype, device=R.device))
-    R = R.contiguous()  # a slice of neither layout would be copied at every solve
     # only the blocks used: T = UᵀQY and Q̃ = NᵀQN, not all of UᵀQU
     QU = d.Q @ U
     N = U[..., q:]
