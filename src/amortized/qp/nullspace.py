@@ -24,22 +24,26 @@ from amortized.qp.problem import QPData
 
 @dataclass(frozen=True)
 class Nullspace:
-    """The elimination for a batch: U = [Y N] (B, n, n), R (B, q, q), T = UᵀQY (B, n, q)
-    and GY (B, m, q), which carry x_Y into the reduced system, the reduced QP d
+    """The elimination for a batch: U = [Y N] (B, n, n), R (B, q, q), QY (B, n, q), its
+    block NᵀQY (B, n − q, q) and GY (B, m, q), which carry x_Y into the reduced system and
+    take x back to the Y rows, the reduced QP d
     (Q̃ (B, n − q, n − q), p̃, G̃ (B, m, n − q), h̃, no equality rows), and what `lift`
     needs of the full problem's right sides."""
 
     U: Tensor
     R: Tensor
-    T: Tensor
+    QY: Tensor
+    NtQY: Tensor
     GY: Tensor
     d: QPData
     z_Y: Tensor  # (B, q) R⁻ᵀb: z₀ = Y z_Y
     Ut_p: Tensor  # (B, n) Uᵀp
 
     def index(self, idx: Tensor) -> "Nullspace":
-        U, R, T, GY, z_Y, Ut_p = (x[idx] for x in (self.U, self.R, self.T, self.GY, self.z_Y, self.Ut_p))
-        return Nullspace(U, R, T, GY, self.d.index(idx), z_Y, Ut_p)
+        U, R, QY, NtQY, GY, z_Y, Ut_p = (
+            x[idx] for x in (self.U, self.R, self.QY, self.NtQY, self.GY, self.z_Y, self.Ut_p)
+        )
+        return Nullspace(U, R, QY, NtQY, GY, self.d.index(idx), z_Y, Ut_p)
 
     def split(self, r1: Tensor, r_e: Tensor) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """For the system Qx + Gᵀy_i + Aᵀy_e = r1, Gx − D∘y_i = r_i, Ax = r_e: x_Y = R⁻ᵀr_e,
@@ -49,15 +53,15 @@ class Nullspace:
         q = self.R.shape[-1]
         x_Y = torch.linalg.solve_triangular(self.R.mT, r_e.unsqueeze(-1), upper=False).squeeze(-1)
         Ut_r1 = brmv(self.U, r1)
-        return x_Y, Ut_r1, Ut_r1[..., q:] - bmv(self.T[..., q:, :], x_Y), bmv(self.GY, x_Y)
+        return x_Y, Ut_r1, Ut_r1[..., q:] - bmv(self.NtQY, x_Y), bmv(self.GY, x_Y)
 
     def join(self, x_Y: Tensor, Ut_r1: Tensor, x_N: Tensor, y_i: Tensor) -> tuple[Tensor, Tensor]:
         """x = U [x_Y; x_N] and y_e from the first block's Y rows, R y_e = Yᵀr1 − YᵀQx − (GY)ᵀy_i."""
         q = self.R.shape[-1]
-        u = torch.cat([x_Y, x_N], -1)
-        rhs = Ut_r1[..., :q] - brmv(self.T, u) - brmv(self.GY, y_i)
+        x = bmv(self.U, torch.cat([x_Y, x_N], -1))
+        rhs = Ut_r1[..., :q] - brmv(self.QY, x) - brmv(self.GY, y_i)
         y_e = torch.linalg.solve_triangular(self.R, rhs.unsqueeze(-1), upper=True).squeeze(-1)
-        return bmv(self.U, u), y_e
+        return x, y_e
 
     def lift(self, w: Tensor, lam: Tensor) -> tuple[Tensor, Tensor]:
         """(z, ν) of the full QP from the reduced one's (w, λ): the join for the QP's own right
@@ -81,15 +85,15 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
         keep = active[:, None, None]
         U = torch.where(keep, U, torch.eye(n, dtype=U.dtype, device=U.device))
         R = torch.where(keep, R, torch.eye(q, dtype=R.dtype, device=R.device))
-    # only the blocks used: T = UᵀQY and Q̃ = NᵀQN, not all of UᵀQU
+    # only the blocks used: QY, NᵀQY and Q̃ = NᵀQN, not all of UᵀQU
     QU = d.Q @ U
     N = U[..., q:]
-    T, Q_N = U.mT @ QU[..., :q], N.mT @ QU[..., q:]
+    QY, NtQY, Q_N = QU[..., :q].contiguous(), N.mT @ QU[..., :q], N.mT @ QU[..., q:]
     eye = torch.eye(n - q, dtype=U.dtype, device=U.device)
     L_N = comfortable_cholesky(torch.where(active[:, None, None], Q_N, eye), rho)
     if L_N is None:
         return None
-    ns = Nullspace(U, R, T, d.G @ U[..., :q], None, None, None)
+    ns = Nullspace(U, R, QY, NtQY, d.G @ U[..., :q], None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)
     G_N = d.G @ N
     reduced = QPData(Q_N, -neg_p_N, G_N, d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
