@@ -122,17 +122,17 @@ def factor_saddle(
         S.diagonal(dim1=-2, dim2=-1).add_(delta + floor)  # in place: no diagonal matrix
         return S
 
-    S = schur()
-    L_S, ok_S = cholesky(col_major(S, copy=False), overwrite=True)
+    L_S, ok_S = cholesky(col_major(schur(), copy=False), overwrite=True)
     if grow and not bool(ok_S.all()):
         # where rows of C are (nearly) dependent (e.g. more active rows than unknowns),
         # rounding of the size ε·max diag(S) can leave S indefinite despite a tiny δ; the
-        # failed factorization destroyed S, formed again for each try
-        S = schur()
-        floor = torch.finfo(S.dtype).eps * S.diagonal(dim1=-2, dim2=-1).abs().amax(-1, keepdim=True)
+        # failed factorization destroyed S (its diagonal is read off C and H⁻¹Cᵀ), formed
+        # again for each try
+        diag = (C * HinvCt.mT).sum(-1) + delta
+        floor = torch.finfo(diag.dtype).eps * diag.abs().amax(-1, keepdim=True)
         growth = torch.zeros_like(floor)
         for _ in range(3):
-            floor = floor * 30 * S.shape[-1]
+            floor = floor * 30 * C.shape[-2]
             growth = torch.where(ok_S.unsqueeze(-1), growth, growth + floor)
             L_S, ok_S = cholesky(col_major(schur(growth), copy=False), overwrite=True)
             if bool(ok_S.all()):

@@ -235,15 +235,15 @@ class KKT:
             self.W = torch.where(soft, 1 / torch.where(soft, D, 1.0), 0.0)
         else:
             self.W = 1 / D
-        # H = GᵀWG + Q, the sum formed in place (the same bits as Q + GᵀWG); an active set
-        # (D ∈ {0, ∞}, the polish and the backward) has W = 0
-        H = L_H = None
+        # H = GᵀWG + Q, the sum formed in place (the same bits as Q + GᵀWG)
+        L_H = None
         if D.shape[-1] and (not self.active_set or bool(soft.any())):
             H = ((d.G.mT * self.W.unsqueeze(-2)) @ d.G).add_(d.Q)
-        elif isinstance(rho, float):
-            L_H = d.factor_Q(rho)  # H = Q + ρI, factored once for every active set (or None)
-        if H is None and L_H is None:
-            H = d.Q.clone()
+        else:
+            # W = 0 (an active set, D ∈ {0, ∞}: the polish and the backward): H = Q + ρI,
+            # factored once per data where ρ is one number for the batch (or None)
+            L_H = d.factor_Q(rho) if isinstance(rho, float) else None
+            H = None if L_H is not None else d.Q.clone()
         if H is not None:
             Hd = H.diagonal(dim1=-2, dim2=-1)
             # relative to the diagonal, so that the Cholesky survives λ/s ≫ 1
@@ -356,8 +356,9 @@ class KKT:
         if mixed:
             d = d.to(torch.float64)
             r1, r_i, r_e, x, y_i, y_e = (t.double() for t in (r1, r_i, r_e, x, y_i, y_e))
-        # the last correction's size, for predicting the next (None: not predicted)
-        last = _relative(x, y_i, y_e, x, y_i, y_e) if until_noise and refine and not mixed else None
+        predict = until_noise and not mixed
+        # the last correction's size: the first solve's, as a correction from zero
+        last = _relative(x, y_i, y_e, x, y_i, y_e) if predict and refine else None
         for _ in range(refine):
             a1, a_i, a_e = self.apply(x, y_i, y_e, d)
             res = (r1 - a1, r_i - a_i, r_e - a_e)
@@ -366,11 +367,11 @@ class KKT:
             if until_noise:
                 corr = _relative(dx, dy_i, dy_e, x, y_i, y_e)
                 following = corr
-                if last is not None:  # linear contraction: the next is this one times corr/last
+                if predict:  # linear contraction: the next is this one times corr/last
                     following = corr * (corr / last.clamp(min=torch.finfo(corr.dtype).tiny)).clamp(max=1.0)
+                    last = corr
                 if bool((following <= tol).all()):
                     break
-                last = None if last is None else corr
         return x.to(dtype), y_i.to(dtype), y_e.to(dtype)
 
 

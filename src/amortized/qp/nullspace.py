@@ -81,7 +81,8 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     full_rank = r.amin(-1) > torch.finfo(r.dtype).eps ** (1 / 3) * r.amax(-1)
     if not bool((full_rank | ~active).all()):
         return None
-    if not bool(active.all()):
+    all_active = bool(active.all())
+    if not all_active:
         keep = active[:, None, None]
         U = torch.where(keep, U, torch.eye(n, dtype=U.dtype, device=U.device))
         R = torch.where(keep, R, torch.eye(q, dtype=R.dtype, device=R.device))
@@ -90,13 +91,13 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     N = U[..., q:]
     QY, NtQY, Q_N = QU[..., :q].contiguous(), N.mT @ QU[..., :q], N.mT @ QU[..., q:]
     eye = torch.eye(n - q, dtype=U.dtype, device=U.device)
-    L_N = comfortable_cholesky(torch.where(active[:, None, None], Q_N, eye), rho)
+    L_N = comfortable_cholesky(Q_N if all_active else torch.where(active[:, None, None], Q_N, eye), rho)
     if L_N is None:
         return None
     ns = Nullspace(U, R, QY, NtQY, d.G @ U[..., :q], None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)
     G_N = d.G @ N
     reduced = QPData(Q_N, -neg_p_N, G_N, d.h - Gz0, d.A[..., :0, q:], d.b[..., :0])
-    if bool(active.all()):
+    if all_active:
         reduced.factor_Q(rho, L_N)  # what the reduced problem's factorizations will ask for
     return replace(ns, d=reduced, z_Y=z_Y, Ut_p=-neg_Ut_p)
