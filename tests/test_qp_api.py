@@ -80,6 +80,21 @@ def test_max_iter_is_reported_not_solved(qp):
     assert am.QPStatus.MAX_ITER.message.startswith("not converged")
 
 
+def test_solution_fields_are_ordinary_tensors(qp):
+    """The solver runs in inference mode; what it returns must still work in autograd and
+    take in-place edits: a loss weighted by the residuals, a status overwritten."""
+    Q, p, G, h, A, b = qp
+    p = p.clone().requires_grad_()
+    sol = am.solve_qp(Q, p, G, h, A, b)
+    fields = [getattr(sol, f) for f in ("z", "lam", "nu", "s", "status", "iters")]
+    fields += [sol.primal_residual, sol.dual_residual, sol.gap]
+    assert not any(x.is_inference() for x in fields)
+    (sol.z * (1 + sol.gap + sol.primal_residual).unsqueeze(-1)).sum().backward()
+    assert torch.isfinite(p.grad).all() and p.grad.abs().sum() > 0
+    sol.status[0] = am.QPStatus.NUMERICAL
+    sol.gap.zero_()
+
+
 def test_empty_batch_returns_empty_outputs_with_a_graph():
     """B = 0 (a data loader's empty last batch): outputs shaped (0, ·), constraints kept
     (a (0, m, n) G is m rows for no problems, not "no constraints"), zero gradients."""

@@ -128,13 +128,13 @@ def solve_qp(
     if check_convexity:
         check_convex(data.Q if Q.dim() == 3 else data.Q[:1])
     eps = default_eps(data.p.dtype) if eps is None else float(eps)
-    vectors = data.p, data.h, data.b
-    with torch.no_grad():
-        ws = _warm_start(warm_start, solver)
-        # the solver gets the only reference to the data: a symmetrized copy of Q (made when
-        # Q is not exactly symmetric) is then freed once the solver has scaled its own copy
-        box = [QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))]
-        del data
+    vectors = tuple(x.detach() for x in (data.p, data.h, data.b))
+    ws = _warm_start(warm_start, solver)
+    # the solver gets the only reference to the data: a symmetrized copy of Q (made when
+    # Q is not exactly symmetric) is then freed once the solver has scaled its own copy
+    box = [QPData(*(x.detach() for x in (data.Q, data.p, data.G, data.h, data.A, data.b)))]
+    del data
+    with _solver_mode():
         r = SOLVERS[solver][0](box.pop(), finite, eps=eps, eps_abs=eps_abs, max_iter=max_iter, warm_start=ws)
     it, solved = r.it, r.status == int(QPStatus.SOLVED)
     it = _normalize_certificates(it, r.status, *vectors)
@@ -160,7 +160,16 @@ def solve_qp(
             solve_forward=solves.forward,
             frozen=lambda: solves.frozen,
         )
-    return QPSolution(z, lam, nu, s, r.status, r.iters, r.res.primal, r.res.dual, r.res.gap)
+    # normal tensors out of the solver's inference ones, which autograd could not save
+    report = (x.clone() for x in (r.status, r.iters, r.res.primal, r.res.dual, r.res.gap))
+    return QPSolution(z, lam, nu, s, *report)
+
+
+def _solver_mode():
+    """The autograd mode the forward solvers run in: inference mode, which spares each of
+    their many small ops some dispatch overhead, or no_grad under torch.func's transforms,
+    whose wrapped tensors cannot enter it."""
+    return torch.no_grad() if torch._C._are_functorch_transforms_active() else torch.inference_mode()
 
 
 def _empty_batch(data: QPData, params: list) -> QPSolution:
