@@ -719,6 +719,12 @@ def _polish(
     done mask."""
     # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
     n_refine = 10 if _relaxed(kkt_args) else 3
+    # a guess with more active rows than unknowns has no unique multipliers: the factor's δ
+    # spreads them, and in float32 (δ ≈ 3e-5) several come out negative, whose dropping
+    # all at once drops active rows and cycles (tall problems); with float64's δ ≈ 1e-10
+    # dropping them all polished degenerate LPs (Maros–Meszaros) more accurately
+    one_drop = d.p.dtype != torch.float64
+    B, n, m, q = d.shape
     idx = ready.nonzero().squeeze(-1)
     hard = it.lam[idx] > it.s[idx]
     z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
@@ -740,6 +746,11 @@ def _polish(
         lam_tol = eps_m * (1 + _amax(lam_t)).unsqueeze(-1)
         row_tol = eps_m * (1 + sub.h.abs() + Gz.abs())
         drop = hard[todo] & (lam_t < -lam_tol)
+        if one_drop:
+            # only the most negative multiplier goes, as in an active-set method, where the
+            # guess has more active rows than unknowns (see one_drop)
+            over = hard[todo].sum(-1, keepdim=True) + q > n
+            drop = drop & (~over | (lam_t <= lam_t.amin(-1, keepdim=True)))
         add = ~hard[todo] & (Gz - sub.h > row_tol)
         wrong = (drop | add).any(-1)
         z[todo], lam[todo], nu[todo] = z_t, lam_t, nu_t
