@@ -181,7 +181,7 @@ def test_float32_gradients_close_to_float64():
 
 
 def test_float32_gradients_close_to_float64_on_tall_problems():
-    """Per problem, where 20 of 60 rows meet at each solution: a float32 polish guess with
+    """Per problem, on tall problems (60 rows, 20 unknowns): a float32 polish guess with
     more active rows than unknowns has no unique multipliers, and dropping all of its
     negative ones cycled, left one problem at an unpolished interior point and its
     gradient 4.6× off the float64 one."""

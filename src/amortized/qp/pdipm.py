@@ -724,7 +724,7 @@ def _polish(
     # all at once drops active rows and cycles (tall problems); with float64's δ ≈ 1e-10
     # dropping them all polished degenerate LPs (Maros–Meszaros) more accurately
     one_drop = d.p.dtype != torch.float64
-    B, n, m, q = d.shape
+    _, n, _, q = d.shape
     idx = ready.nonzero().squeeze(-1)
     hard = it.lam[idx] > it.s[idx]
     z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
