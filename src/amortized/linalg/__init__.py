@@ -2,7 +2,13 @@
 KKT systems, and matrix-free iterative solves (CG, GMRES, BiCGStab, Neumann) for implicit
 backward passes."""
 
-from amortized.linalg.cholesky import cholesky, cholesky_solve, col_major, comfortable_cholesky
+from amortized.linalg.cholesky import (
+    cholesky,
+    cholesky_solve,
+    col_major,
+    comfortable_cholesky,
+    shifted_cholesky,
+)
 from amortized.linalg.kkt import FixedRows, SaddleFactor, factor_saddle, fix_rows
 from amortized.linalg.matvec import bmv, brmv, inf_norm
 from amortized.linalg.qr import complete_qr
@@ -12,6 +18,7 @@ __all__ = [
     "cholesky_solve",
     "col_major",
     "comfortable_cholesky",
+    "shifted_cholesky",
     "complete_qr",
     "FixedRows",
     "SaddleFactor",

@@ -61,13 +61,19 @@ def cholesky_solve(L: Tensor, r: Tensor) -> Tensor:
     return x.squeeze(-1) if vec else x
 
 
+def shifted_cholesky(Q: Tensor, shift: float | Tensor) -> tuple[Tensor, Tensor]:
+    """`cholesky` of Q + shift·I for a symmetric Q (..., n, n) and one shift or one per
+    matrix (...,), factored in place in a column-major copy (Q is left as it is)."""
+    H = col_major(Q)
+    H.diagonal(dim1=-2, dim2=-1).add_(shift.unsqueeze(-1) if isinstance(shift, Tensor) else shift)
+    return cholesky(H, overwrite=True)
+
+
 def comfortable_cholesky(Q: Tensor, rho: float) -> Tensor | None:
     """L = chol(Q + ρI), or None when Q is not comfortably positive definite in every
     problem: a failed factorization or a smallest pivot below √ε·(1 + max|Q|)."""
     scale = 1 + inf_norm(Q, (-2, -1))
-    H = col_major(Q)  # factored in place
-    H.diagonal(dim1=-2, dim2=-1).add_(rho)
-    L, ok = cholesky(H, overwrite=True)
+    L, ok = shifted_cholesky(Q, rho)
     pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
     if not bool((ok & (pivot >= torch.finfo(Q.dtype).eps ** 0.5 * scale)).all()):
         return None

@@ -11,7 +11,7 @@ from functools import cached_property
 import torch
 from torch import Tensor
 
-from amortized.linalg import bmv, brmv, cholesky, col_major, comfortable_cholesky, inf_norm
+from amortized.linalg import bmv, brmv, comfortable_cholesky, inf_norm, shifted_cholesky
 
 
 @dataclass(frozen=True)
@@ -203,9 +203,7 @@ def check_convex(Q: Tensor) -> None:
     negative eigenvalues of a PSD-singular Q (an LP has Q = 0) pass."""
     Q = Q.detach()
     tau = torch.finfo(Q.dtype).eps ** 0.5 * (1 + inf_norm(Q, (-2, -1)))
-    H = col_major(Q)  # Q + τI, factored in place
-    H.diagonal(dim1=-2, dim2=-1).add_(tau.unsqueeze(-1))
-    bad = ~cholesky(H, overwrite=True)[1].reshape(-1)
+    bad = ~shifted_cholesky(Q, tau)[1].reshape(-1)
     if bool(bad.any()):
         idx = bad.nonzero().flatten().tolist()[:10]
         lo = torch.linalg.eigvalsh(Q.reshape(-1, *Q.shape[-2:])[bad]).amin().item()
