@@ -62,6 +62,8 @@ _RHO_RELAXED = 10
 _REDUCED_MAX_ITER = 25
 # a residual within _ROUNDING·ε of the magnitudes summed in it is zero to working precision
 _ROUNDING = 10
+# how far above eps a polished point may be when what is left in it is that rounding
+_NEAR = 10
 
 
 def _amax(x: Tensor) -> Tensor:
@@ -185,12 +187,26 @@ class Residuals:
         """(3, B) primal, dual residual and gap."""
         return torch.stack([self.primal, self.dual, self.gap])
 
-    def meets(self, eps: float, eps_abs: float | None) -> Tensor:
+    def meets(self, eps: float, eps_abs: float | None, polished: bool = False) -> Tensor:
         """(B,) whether the relative test holds, and the absolute one when eps_abs is given.
         The absolute test asks each of primal, dual and gap to be ≤ eps_abs or within the
         rounding error of computing it, whichever is larger: a gap of terms 1e8 has no
-        digits below 1e-8 in float64 (see `rounding_floor`)."""
-        ok = self.relative <= eps
+        digits below 1e-8 in float64 (see `rounding_floor`).
+
+        `polished` points (the exact solution of an active set's equality-constrained QP,
+        λ = 0 off it) have no complementarity left to converge: what remains in them is
+        rounding. There the relative test also passes, within _NEAR·eps, where each of
+        primal, dual and gap is within `rounding_floor(inherited=True)`: in float32 a
+        problem with |z| ~ 100 has no digits below 3e-6 relative in its gap, and the
+        iterations would chase them to max_iter."""
+        rel = self.relative
+        ok = rel <= eps
+        if polished:
+            near = ~ok & (rel <= _NEAR * eps)
+            if bool(near.any()):  # rare: only then pay for the floor
+                floor = self.rounding_floor(inherited=True)
+                within = ((self._worst <= eps * (1 + self._scale)) | (self._worst <= floor)).all(0)
+                ok = ok | (near & within)
         if eps_abs is not None:
             worst = self._worst
             above = ok & (worst > eps_abs).any(0)
@@ -200,33 +216,41 @@ class Residuals:
             ok = ok & (worst.amax(0) <= eps_abs)
         return ok
 
-    def rounding_floor(self) -> Tensor:
+    def rounding_floor(self, inherited: bool = False) -> Tensor:
         """(3, B) what rounding alone can leave in the primal residual, dual residual and gap
         of the original problem: _ROUNDING·ε times the magnitudes summed in each, e.g.
-        ‖|Q||z| + |p| + |G|ᵀλ + |A|ᵀ|ν|‖∞ for the dual residual (temporary |·| copies)."""
+        ‖|Q||z| + |p| + |C|ᵀ|y|‖∞ for the dual residual (temporary |·| copies). With
+        `inherited`, the gap's also counts the rounding of the residuals it is made of: it
+        equals zᵀr_d − yᵀ(Cz − [h; b]) + sᵀλ, whose first two terms carry
+        |z|ᵀ(|Q||z| + |p| + |C|ᵀ|y|) + |y|ᵀ(|C||z| + |[h; b]|)."""
         d, it, N = self.d, self.it, self._norm
-        m = it.lam.shape[-1]
+        z_abs, y_abs = it.z.abs(), self.y.abs()
         C_abs = d.C.abs()
-        primal = torch.maximum(
-            N(bmv(C_abs[..., :m, :], it.z.abs()) + d.h.abs(), self.w_i),
-            N(bmv(C_abs[..., m:, :], it.z.abs()) + d.b.abs(), self.w_e),
-        )
-        y_abs = torch.cat([it.lam, it.nu], -1).abs()
-        dual = N(bmv(d.Q.abs(), it.z.abs()) + d.p.abs() + brmv(C_abs, y_abs), self.w_x)
+        primal = bmv(C_abs, z_abs) + d.hb.abs()
+        dual = bmv(d.Q.abs(), z_abs) + d.p.abs() + brmv(C_abs, y_abs)
         gap = torch.stack([x.abs() for x in self._gap_terms[:4]]).sum(0)
-        return _ROUNDING * torch.finfo(gap.dtype).eps * torch.stack([primal, dual, gap])
+        if inherited:
+            gap_r = (z_abs * dual).sum(-1) + (y_abs * primal).sum(-1)
+            gap = torch.maximum(gap, gap_r if self.w_c is None else gap_r * self.w_c)
+        floor = torch.stack([N(primal, self.w_E), N(dual, self.w_x), gap])
+        return _ROUNDING * torch.finfo(gap.dtype).eps * floor
+
+    @cached_property
+    def _scale(self) -> Tensor:
+        """(3, B) the scales of primal, dual and gap: the largest of ‖Cz‖, ‖[h; b]‖; of ‖Qz‖,
+        ‖p‖, ‖Cᵀy‖; and of the gap's terms."""
+        return torch.stack(
+            [
+                self._primal_norms[1:].amax(0),
+                self._dual_norms[1:].amax(0),
+                torch.stack(self._gap_terms[:4]).abs().amax(0),
+            ]
+        )
 
     @cached_property
     def relative(self) -> Tensor:
         """(B,) the largest of primal, dual and gap relative to their scales."""
-        scale = torch.stack(
-            [
-                self._primal_norms[1:].amax(0),  # ‖Gz‖, ‖h‖, ‖Az‖, ‖b‖
-                self._dual_norms[1:].amax(0),  # ‖Qz‖, ‖p‖, ‖Cᵀy‖
-                torch.stack(self._gap_terms[:4]).abs().amax(0),
-            ]
-        )
-        return (self._worst / (1 + scale)).amax(0)
+        return (self._worst / (1 + self._scale)).amax(0)
 
 
 def newton(
@@ -333,9 +357,9 @@ def pdipm(
     the original one. In float64, many equality rows (n − q ≤ m, `reduce`) are eliminated
     first where that is safe for the whole batch (`_reduced`).
 
-    SOLVED: primal, dual residual and gap all ≤ eps relative to their scales (and ≤ eps_abs
-    when given, or within _ROUNDING·ε of the magnitudes summed in them where that is larger,
-    see `Residuals.rounding_floor`).
+    SOLVED: primal, dual residual and gap all ≤ eps relative to their scales, or within
+    _ROUNDING·ε of the magnitudes summed in them for a polished point within _NEAR·eps (and
+    ≤ eps_abs when given, or within that rounding where it is larger; see `Residuals.meets`).
     INFEASIBLE: λ ≥ 0 with ‖Gᵀλ + Aᵀν‖∞ ≤ eps_inf·(−hᵀλ − bᵀν); by Farkas every feasible
     point then has ‖z‖₁ ≥ 1/eps_inf, so the flag is not raised on a sensibly scaled feasible
     problem.
@@ -766,7 +790,7 @@ def _polish(
             todo = torch.arange(len(idx), device=idx.device)
     lam = torch.where(hard, lam, 0.0)
     cand = Iterate(z, (d_r.h - d_r.Gx(z)).clamp(min=0), lam.clamp(min=0), nu)
-    ok = factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs)
+    ok = factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs, polished=True)
     done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
     full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
     D_act = torch.zeros_like(it.s[idx]).masked_fill(~hard, torch.inf)

@@ -97,7 +97,9 @@ def solve_qp(
     iterations, max_iter 4000 by default; fast from a good warm_start). Both finish with
     the same active-set polish and share the backward.
     eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
-    and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms).
+    and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms), or,
+    for a polished point within 10·eps, within the rounding error of computing them (a
+    float32 problem with |z| ~ 100 cannot read its gap below 3e-6 relative).
     eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default), or, where
     float64 cannot resolve eps_abs, within 10·ε of the magnitudes summed in it (a gap whose
     terms are 1e8 has no digits below ~1e-8).
