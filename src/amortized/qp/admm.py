@@ -65,8 +65,11 @@ def admm(
     up = torch.cat([d.h, d.b], -1)
     rho_row = torch.cat([d.p.new_ones(m), d.p.new_full((q,), 1e3)])
     rho_b = d.p.new_full((B, 1), rho)
-    # OSQP polishes at its loose default tolerance
-    eps_polish = max(eps, 1e-3)
+    # OSQP polishes at its loose default tolerance; float32's iterations can stall above it
+    # (a K with 10³-fold ρ on equality rows, factored in float32), where the polish, with
+    # its refinement in float64 residuals, still finds the active set: the interior point
+    # method's ε^¼ there
+    eps_polish = max(eps, 1e-3, finfo.eps**0.25)
     eps_inf = max(1e-6, finfo.eps**0.5)
     eye = torch.eye(n, dtype=dtype, device=d.p.device)
 
