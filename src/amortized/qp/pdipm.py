@@ -64,6 +64,8 @@ _REDUCED_MAX_ITER = 25
 _ROUNDING = 10
 # how far above eps a polished point may be when what is left in it is that rounding
 _NEAR = 10
+# the polish's refinement steps where three are not enough (a large ρ, float32)
+_REFINE_MORE = 10
 
 
 def _amax(x: Tensor) -> Tensor:
@@ -742,7 +744,7 @@ def _polish(
     Returns the iterate, the compliance D of the active set (0 active, ∞ dropped) and the
     done mask."""
     # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
-    n_refine = 10 if _relaxed(kkt_args) else 3
+    n_refine = _REFINE_MORE if _relaxed(kkt_args) else 3
     # a guess with more active rows than unknowns has no unique multipliers: the factor's δ
     # spreads them, and in float32 (δ ≈ 3e-5) several come out negative, whose dropping
     # all at once drops active rows and cycles (tall problems); with float64's δ ≈ 1e-10
@@ -758,12 +760,7 @@ def _polish(
     todo = torch.arange(len(idx), device=idx.device)  # positions in idx still to (re)solve
     for _ in range(3):
         sub, args = _subset(d_r, args_r, todo)
-        D_sub = torch.zeros_like(hard[todo], dtype=z.dtype).masked_fill(~hard[todo], torch.inf)
-        pk = KKT(sub, D_sub, active_set=True, **args)  # D: 0 equality, ∞ dropped
-        # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
-        # in float64 residuals: a float32 polish would otherwise stop at cond·ε₃₂ (ill-
-        # conditioned Q, large z), fail its check, and leave the problem to the iterations
-        z_t, lam_t, nu_t = pk.solve(-sub.p, sub.h, sub.b, refine=n_refine, until_noise=True, wide=True)
+        z_t, lam_t, nu_t, solved = _active_set_solve(sub, args, hard[todo], n_refine)
         Gz = sub.Gx(z_t)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
@@ -778,8 +775,7 @@ def _polish(
         add = ~hard[todo] & (Gz - sub.h > row_tol)
         wrong = (drop | add).any(-1)
         z[todo], lam[todo], nu[todo] = z_t, lam_t, nu_t
-        factored[todo] = pk.ok & ~wrong
-        del pk  # its factors go before the next guess is factored
+        factored[todo] = solved & ~wrong
         if not bool(wrong.any()):
             break
         hard[todo] = torch.where(wrong.unsqueeze(-1), (hard[todo] | add) & ~drop, hard[todo])
@@ -788,14 +784,40 @@ def _polish(
             # a large share wrong: solving them all again (the others' answers do not change)
             # costs less memory than copying their data and factors
             todo = torch.arange(len(idx), device=idx.device)
-    lam = torch.where(hard, lam, 0.0)
-    cand = Iterate(z, (d_r.h - d_r.Gx(z)).clamp(min=0), lam.clamp(min=0), nu)
-    ok = factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs, polished=True)
+
+    def candidate() -> tuple[Iterate, Tensor]:
+        cand = Iterate(z, (d_r.h - d_r.Gx(z)).clamp(min=0), torch.where(hard, lam, 0.0).clamp(min=0), nu)
+        return cand, factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs, polished=True)
+
+    cand, ok = candidate()
+    if n_refine < _REFINE_MORE and d.p.dtype != torch.float64:
+        # a right active set whose answer misses eps: in float32, three refinement steps can
+        # stop short on an ill-conditioned system (|z| ~ 400, cond Q ~ 3e3); more, for those
+        again = (factored & ~ok).nonzero().squeeze(-1)
+        if len(again):
+            sub, args = _subset(d_r, args_r, again)
+            z[again], lam[again], nu[again], factored[again] = _active_set_solve(
+                sub, args, hard[again], _REFINE_MORE
+            )
+            cand, ok = candidate()
     done = torch.zeros_like(ready).index_fill(0, idx[ok], True)
     full = Iterate(*(x.index_copy(0, idx, c) for x, c in zip(it.fields(), cand.fields())))
     D_act = torch.zeros_like(it.s[idx]).masked_fill(~hard, torch.inf)
     D = torch.full_like(it.s, torch.inf).index_copy(0, idx, D_act)
     return full.where(done, it), D, done
+
+
+def _active_set_solve(
+    d: QPData, kkt_args: dict, hard: Tensor, refine: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """z (B, n), λ (B, m), ν (B, q) of the QPs d with the rows `hard` (B, m) as equalities
+    and the others dropped, and the factorization's ok flags (B,)."""
+    D = torch.zeros_like(hard, dtype=d.p.dtype).masked_fill(~hard, torch.inf)
+    kkt = KKT(d, D, active_set=True, **kkt_args)  # D: 0 equality, ∞ dropped
+    # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
+    # in float64 residuals: a float32 polish would otherwise stop at cond·ε₃₂ (ill-
+    # conditioned Q, large z), fail its check, and leave the problem to the iterations
+    return *kkt.solve(-d.p, d.h, d.b, refine=refine, until_noise=True, wide=True), kkt.ok
 
 
 def _subset(d: QPData, kkt_args: dict, idx: Tensor) -> tuple[QPData, dict]:
