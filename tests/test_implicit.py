@@ -307,6 +307,32 @@ def test_implicit_root_with_refinement_matches_exact_solve():
     torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
 
 
+def test_implicit_root_refinement_stops_at_refine_tol():
+    """With refine_tol, refinement stops once a correction is that small relative to u:
+    with a solve 1e-3 off, each step gains 1e3, so a tolerance of 1e-7 takes three of the
+    ten steps allowed, and the gradient is as accurate as with all ten."""
+    X, t, lam = ridge_data(seed=12)
+    w = ridge_closed_form(X, t, lam)[0]
+    _, A = ridge_closed_form(X, t, lam)
+    approx = torch.linalg.inv(A) * (1 + 1e-3)
+    calls = []
+
+    def solve_T(v):
+        calls.append(1)
+        return ((approx @ v[0].unsqueeze(-1)).squeeze(-1),)
+
+    F = lambda w_, X_, t_, l_: (_ridge_grad(w_, X_, t_, l_),)
+    lam_c = lam.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ridge_closed_form(X, t, lam_c)[0].sum(), lam_c)
+    for refine_tol, n_solves in ((0.0, 11), (1e-7, 4)):
+        calls.clear()
+        lam_r = lam.clone().requires_grad_()
+        (wr,) = am.implicit.implicit_root(F, solve_T, (w,), (X, t, lam_r), refine=10, refine_tol=refine_tol)
+        (g,) = torch.autograd.grad(wr.sum(), lam_r)
+        assert len(calls) == n_solves
+        torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
+
+
 def test_bad_input_errors():
     X, t, lam = ridge_data()
     with pytest.raises(ValueError, match="unknown linear solve"):

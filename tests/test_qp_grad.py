@@ -199,8 +199,9 @@ def test_float32_gradients_close_to_float64_on_tall_problems():
 
 def test_float32_gradients_close_to_float64_when_ill_conditioned():
     """An OptNet-protocol problem with cond Q = 2.6e3 and |z| = 370: with float32's factor
-    (ρ ≈ 3e-5) each refinement step of the backward gains about tenfold; two left 2.8e-3
-    relative errors (h), three 2.8e-3 (G 1.0e-3), four leave 4.2e-4."""
+    (ρ ≈ 3e-5) each refinement step of the backward gains about tenfold; two steps left
+    2.8e-3 relative errors (h), three 2.8e-3 (G 1.0e-3), four 4.2e-4; the backward refines
+    until a correction is 1e-4 of the answer (1.5e-4 here)."""
     data = [x[21:22] for x in random_qp(128, 10, 10, 0, generator=torch.Generator().manual_seed(1))]
     w = torch.randn(1, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     grads = {}

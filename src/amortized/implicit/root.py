@@ -110,6 +110,7 @@ class _Spec:
             single,
         )
         self.build, self.vjp_y, self.vjp_p = build, vjp_y, vjp_p
+        self.refine_tol = 0.0  # refinement stops once a correction is this small relative to u
         # second derivatives: solve_forward(ū) -> w with (∂F/∂y) w = ū, when the caller has a
         # factorization for it; frozen() -> (B,) rows whose gradients are held at zero
         self.solve_forward: Callable[[Tensors], Tensors] | None = None
@@ -218,6 +219,9 @@ class _Implicit(torch.autograd.Function):
                 JTu = matvec(u)
                 du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v_d, JTu, strict=False)), precond)
                 u = tuple(ui + di for ui, di in zip(u, du, strict=False))
+                # (not under torch.func's transforms, which cannot branch on a value)
+                if spec.refine_tol and not functorch and _amax(du) <= spec.refine_tol * _amax(u):
+                    break
         if create_graph:
             # u(y, θ, v) and the final product, differentiable: ys are the saved outputs,
             # whose graph leads back to θ through this very Function; integer tensors
@@ -367,6 +371,7 @@ def implicit_root(
     params: Sequence[Tensor | None],
     *,
     refine: int = 1,
+    refine_tol: float = 0.0,
     vjp_y: Callable[[Tensors, list, Tensors], Tensors] | None = None,
     vjp_p: Callable[[Tensors, list, Tensors, list[int]], Sequence[Tensor]] | None = None,
     solve_forward: Callable[[Tensors], Tensors] | None = None,
@@ -379,7 +384,8 @@ def implicit_root(
     their gradients are summed over it). solve_transpose(v) returns u with
     (∂F/∂y)ᵀ u ≈ v for a tuple v shaped like ys (e.g. from a factorization reused from the
     forward pass). `refine` iterative-refinement steps correct u against the exact
-    Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given.
+    Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given;
+    they stop early once a correction is ≤ refine_tol times u (∞-norms over all of u).
     The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
     vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
     (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
@@ -397,10 +403,16 @@ def implicit_root(
         return inputs[:n_y]
 
     spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y, vjp_p=vjp_p)
-    spec.solve_forward = solve_forward
+    spec.solve_forward, spec.refine_tol = solve_forward, refine_tol
     if frozen is not None:
         spec.frozen = frozen if callable(frozen) else (lambda: frozen)
     return _Implicit.apply(spec, *ys, *params)[:n_y]
+
+
+def _amax(ts: Sequence[Tensor]) -> float:
+    """max |t| over the tensors ts (one sync)."""
+    maxima = [t.abs().amax() for t in ts if t.numel()]
+    return float(torch.stack(maxima).amax()) if maxima else 0.0
 
 
 def _flat(ts: Sequence[Tensor]) -> Tensor:

@@ -155,9 +155,11 @@ def solve_qp(
             params,
             # in float64 one step takes the factor's ρ = δ ≈ 1e-10 out of the answer (to ρ²),
             # the dense primal form for singular Q (ρ ≈ 1e-7, squared conditioning) two;
-            # float32's ρ ≈ 3e-5 four: each step gains about tenfold on an OptNet problem with
-            # cond Q 2.6e3, |z| 370, whose gradients two steps left 2.8e-3 off, four 4.2e-4
-            refine=4 if r.d.p.dtype != torch.float64 else 2 if r.relaxed else 1,
+            # with float32's ρ ≈ 3e-5 each step gains only 8-10× at (100,100,50) or on an
+            # ill-conditioned problem (two steps left gradients 2.8e-3 off): up to six, until
+            # a correction is 1e-4 of the answer
+            refine=6 if r.d.p.dtype != torch.float64 else 2 if r.relaxed else 1,
+            refine_tol=1e-4 if r.d.p.dtype != torch.float64 else 0.0,
             vjp_y=vjp_y,
             vjp_p=vjp_p,
             solve_forward=solves.forward,
