@@ -49,6 +49,18 @@ def test_float32_with_many_equality_rows_solved():
     assert ((sol.z.double() - ref.z).abs().amax(-1) <= 1e-4 * (1 + ref.z.abs().amax(-1))).all()
 
 
+def test_float32_stalled_polish_handed_to_the_interior_point_method():
+    """float32, tall (n, m, p) = (30, 200, 2): at one problem's degenerate vertex ADMM stalls
+    and each polish ends one correction short of the active set; it ran to 4,000 iterations
+    and MAX_ITER. After two failed polishes at a stall the interior point method takes it."""
+    data = random_qp(16, 30, 200, 2, generator=torch.Generator().manual_seed(0))
+    sol = am.solve_qp(*(x.float() for x in data), solver="admm")
+    ref = am.solve_qp(*data)
+    assert sol.solved.all()
+    assert int(sol.iters.max()) <= 1000
+    assert ((sol.z.double() - ref.z).abs().amax(-1) <= 1e-4 * (1 + ref.z.abs().amax(-1))).all()
+
+
 def test_warm_start_from_a_near_solution_needs_few_iterations():
     data = random_qp(8, 30, 30, 10, generator=torch.Generator().manual_seed(202))
     exact = am.solve_qp(*data)

@@ -12,7 +12,9 @@ Once the residuals are small, the interior point method's active-set polish
 (`pdipm._polish`) makes the answer exact and gives the implicit backward its factorization.
 Statuses and their tests are those of `pdipm`, on the original problem; primal
 infeasibility is certified by the change of y between checks (OSQP's δy). Unbounded
-problems end MAX_ITER.
+problems end MAX_ITER. A problem whose polish fails _HANDOVER times at a stall (no tenfold
+progress in the 100 iterations between tries: a degenerate vertex in float32, where ADMM
+cannot sharpen the guess) is finished by the interior point method instead.
 """
 
 import torch
@@ -31,9 +33,13 @@ from amortized.qp.pdipm import (
     _infeasible,
     _polish,
     kkt_form,
+    pdipm,
     scaled,
 )
 from amortized.qp.problem import QPData
+
+# failed polishes at a stall before the interior point method takes a problem over
+_HANDOVER = 2
 
 
 def admm(
@@ -54,7 +60,7 @@ def admm(
     warm_start = (z, λ, ν) of the original problem when given (λ, ν may be None: zero),
     else 0. Residuals are checked after the first iteration (a good start is polished at
     once) and every `check_every` iterations, where ρ may adapt."""
-    orig_G = d.G
+    orig, orig_G = d, d.G
     d, sc = scaled(d, scale)
     B, n, m, q = d.shape
     dtype = d.p.dtype
@@ -89,6 +95,8 @@ def admm(
     D_polish = d.p.new_full((B, m), torch.inf)
     tried = torch.full((B,), torch.inf, dtype=dtype, device=d.p.device)
     tried_at = torch.zeros(B, dtype=torch.long, device=d.p.device)
+    stalls = torch.zeros(B, dtype=torch.long, device=d.p.device)
+    handover = torch.zeros_like(active)
 
     def iterate_of(x: Tensor, z: Tensor, y: Tensor) -> Iterate:
         """The (z, s, λ, ν) of the interior point method's terms: s = h − z_G ≥ 0, λ = y_G ≥ 0
@@ -114,6 +122,7 @@ def admm(
         retry = (rel <= 0.1 * tried) | (k >= tried_at + 100)
         ready = running & (rel <= eps_polish) & retry
         if bool(ready.any()):
+            stalls = stalls + (ready & (rel > 0.1 * tried))
             tried = torch.where(ready, rel, tried)
             tried_at = torch.where(ready, k, tried_at)
             it_p, D_act, done = _polish(d, sc, it, ready, eps, eps_abs, kkt_args)
@@ -121,6 +130,8 @@ def admm(
             polished = polished | done
             status = torch.where(done, SOLVED, status)
             running = running & ~done
+            handover = handover | (running & (stalls >= _HANDOVER))
+            running = running & ~handover
             x = torch.where(done.unsqueeze(-1), it_p.z, x)
             # keep the polished point as the answer: z, y consistent with it
             z = torch.where(done.unsqueeze(-1), torch.cat([d.h - it_p.s, d.b], -1), z)
@@ -149,6 +160,16 @@ def admm(
     it = iterate_of(x, z, y)
     # the backward factors the active set: the polish's, or the one the multipliers show
     D = torch.where(polished.unsqueeze(-1), D_polish, torch.where(it.lam > it.s, 0.0, torch.inf))
+    if bool(handover.any()):
+        idx = handover.nonzero().squeeze(-1)
+        # with the interior point method's own budget; the iterations reported are both's
+        f = pdipm(orig.index(idx), active[idx], eps=eps, eps_abs=eps_abs, max_iter=100, scale=scale)
+        it_f = Iterate(*sc.index(idx).scale(*f.it.fields()))
+        it = Iterate(*(a.index_copy(0, idx, b) for a, b in zip(it.fields(), it_f.fields())))
+        status, iters = status.index_copy(0, idx, f.status), iters.index_copy(0, idx, iters[idx] + f.iters)
+        # f's compliance in this scaling's terms, unless 0 or ∞ (a polished active set)
+        D_f = torch.where((f.D == 0) | torch.isinf(f.D), f.D, it_f.s / it_f.lam)
+        D = D.index_copy(0, idx, D_f)
     res = Residuals(d, it, sc)
     return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig_G, sc, kkt_args)
 
