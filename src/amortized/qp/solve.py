@@ -94,8 +94,9 @@ def solve_qp(
 
     solver: "pdipm" (primal-dual interior point, Mehrotra predictor-corrector; few costly
     iterations, max_iter 100 by default) or "admm" (OSQP's ADMM, `qp.admm`: many cheap
-    iterations, max_iter 4000 by default; fast from a good warm_start). Both finish with
-    the same active-set polish and share the backward.
+    iterations, max_iter 4000 by default; fast from a good warm_start; a problem whose
+    polish fails twice at a stall is finished by "pdipm"). Both finish with the same
+    active-set polish and share the backward.
     eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
     and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms), or,
     for a polished point within 10·eps, within the rounding error of computing them (a
