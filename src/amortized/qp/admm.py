@@ -32,6 +32,7 @@ from amortized.qp.pdipm import (
     _amax,
     _infeasible,
     _polish,
+    _take_over,
     kkt_form,
     pdipm,
     scaled,
@@ -164,12 +165,8 @@ def admm(
         idx = handover.nonzero().squeeze(-1)
         # with the interior point method's own budget; the iterations reported are both's
         f = pdipm(orig.index(idx), active[idx], eps=eps, eps_abs=eps_abs, max_iter=100, scale=scale)
-        it_f = Iterate(*sc.index(idx).scale(*f.it.fields()))
-        it = Iterate(*(a.index_copy(0, idx, b) for a, b in zip(it.fields(), it_f.fields())))
-        status, iters = status.index_copy(0, idx, f.status), iters.index_copy(0, idx, iters[idx] + f.iters)
-        # f's compliance in this scaling's terms, unless 0 or ∞ (a polished active set)
-        D_f = torch.where((f.D == 0) | torch.isinf(f.D), f.D, it_f.s / it_f.lam)
-        D = D.index_copy(0, idx, D_f)
+        it, status, D = _take_over(f, idx, sc, it, status, D)
+        iters = iters.index_copy(0, idx, iters[idx] + f.iters)
     res = Residuals(d, it, sc)
     return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig_G, sc, kkt_args)
 

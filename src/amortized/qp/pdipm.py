@@ -521,16 +521,24 @@ def _reduced(
         idx = retry.nonzero().squeeze(-1)
         ws = None if warm_start is None else warm_start.expand(B, n)[idx]
         f = pdipm(orig.index(idx), active[idx], warm_start=ws, reduce=False, **kwargs)
-        it_f = Iterate(*sc.index(idx).scale(*f.it.fields()))
-        it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), it_f.fields())))
-        status, iters = status.index_copy(0, idx, f.status), iters.index_copy(0, idx, f.iters)
-        # f's compliance is in its own scaling's terms, unless 0 or ∞ (a polished active set)
-        D_f = torch.where((f.D == 0) | torch.isinf(f.D), f.D, it_f.s / it_f.lam)
-        D = D.index_copy(0, idx, D_f)
+        it, status, D = _take_over(f, idx, sc, it, status, D)
+        iters = iters.index_copy(0, idx, f.iters)
         res = Residuals(d, it, sc)
     rho = regularization(d.p.dtype)
     kkt_args = {"rho": rho, "delta": rho, "base": None, "nullspace": ns, "grow_delta": True}
     return PDIPMResult(Iterate(*sc.unscale(*it.fields())), res, status, iters, D, d, orig.G, sc, kkt_args)
+
+
+def _take_over(
+    f: PDIPMResult, idx: Tensor, sc: Scaling, it: Iterate, status: Tensor, D: Tensor
+) -> tuple[Iterate, Tensor, Tensor]:
+    """A batch's scaled iterate, statuses and compliance D with the problems idx replaced by
+    f, what `pdipm` answered for them alone: its iterate taken into the batch's scaling sc,
+    and its compliance too, unless 0 or ∞ (a polished active set)."""
+    it_f = Iterate(*sc.index(idx).scale(*f.it.fields()))
+    it = Iterate(*(x.index_copy(0, idx, y) for x, y in zip(it.fields(), it_f.fields())))
+    D_f = torch.where((f.D == 0) | torch.isinf(f.D), f.D, it_f.s / it_f.lam)
+    return it, status.index_copy(0, idx, f.status), D.index_copy(0, idx, D_f)
 
 
 def scaled(d: QPData, scale: bool = True) -> tuple[QPData, Scaling]:
