@@ -62,6 +62,21 @@ def test_float32_stalls_end_solved(case):
     assert ((sol.z.double() - ref.z).abs().amax(-1) <= 1e-4 * (1 + ref.z.abs().amax(-1))).all()
 
 
+def test_handover_stays_within_max_iter():
+    """A stalled problem handed to the interior point method gets what it has left of
+    max_iter (it used to get 100 more: 308 iterations at max_iter = 300)."""
+    data = [x.float() for x in STALLED_FLOAT32["degenerate_vertex"]()]
+    full = am.solve_qp(*data, solver="admm")
+    sol = am.solve_qp(*data, solver="admm", max_iter=300)
+    assert int(sol.iters.max()) <= 300
+    # those the full run solved within 300 iterations are solved alike, the others stop
+    within = full.solved & (full.iters <= 300)
+    assert 0 < int(within.sum()) < len(within)
+    assert torch.equal(sol.solved, within)
+    assert (sol.status[~within] == int(am.QPStatus.MAX_ITER)).all()
+    torch.testing.assert_close(sol.z[within], full.z[within], rtol=0, atol=1e-5)
+
+
 def test_warm_start_from_a_near_solution_needs_few_iterations():
     data = random_qp(8, 30, 30, 10, generator=torch.Generator().manual_seed(202))
     exact = am.solve_qp(*data)

@@ -14,7 +14,8 @@ Statuses and their tests are those of `pdipm`, on the original problem; primal
 infeasibility is certified by the change of y between checks (OSQP's δy). Unbounded
 problems end MAX_ITER. A problem whose polish fails _HANDOVER times at a stall (no tenfold
 progress in the 100 iterations between tries: a degenerate vertex in float32, where ADMM
-cannot sharpen the guess) is finished by the interior point method instead.
+cannot sharpen the guess) is finished by the interior point method instead, within what
+it has left of max_iter.
 """
 
 import torch
@@ -39,8 +40,10 @@ from amortized.qp.pdipm import (
 )
 from amortized.qp.problem import QPData
 
-# failed polishes at a stall before the interior point method takes a problem over
+# failed polishes at a stall before the interior point method takes a problem over, and
+# its most iterations there (its default)
 _HANDOVER = 2
+_HANDOVER_MAX_ITER = 100
 
 
 def admm(
@@ -161,10 +164,12 @@ def admm(
     it = iterate_of(x, z, y)
     # the backward factors the active set: the polish's, or the one the multipliers show
     D = torch.where(polished.unsqueeze(-1), D_polish, torch.where(it.lam > it.s, 0.0, torch.inf))
-    if bool(handover.any()):
-        idx = handover.nonzero().squeeze(-1)
-        # with the interior point method's own budget; the iterations reported are both's
-        f = pdipm(orig.index(idx), active[idx], eps=eps, eps_abs=eps_abs, max_iter=100, scale=scale)
+    # the interior point method's own budget, within what each has left of max_iter (one
+    # call per budget; the iterations reported are both solvers'); none left: MAX_ITER
+    budget = (max_iter - iters).clamp(max=_HANDOVER_MAX_ITER)
+    for b in budget[handover & (budget > 0)].unique().tolist():
+        idx = (handover & (budget == b)).nonzero().squeeze(-1)
+        f = pdipm(orig.index(idx), active[idx], eps=eps, eps_abs=eps_abs, max_iter=b, scale=scale)
         it, status, D = _take_over(f, idx, sc, it, status, D)
         iters = iters.index_copy(0, idx, iters[idx] + f.iters)
     res = Residuals(d, it, sc)
