@@ -333,6 +333,26 @@ def test_implicit_root_refinement_stops_at_refine_tol():
         torch.testing.assert_close(g, g_ref, rtol=1e-9, atol=1e-12)
 
 
+def test_implicit_root_refine_tol_holds_for_every_problem():
+    """refine_tol is tested problem by problem: a problem with a small u whose solve is
+    1e-1 off (ten steps to 1e-7) is not stopped by a large one's fast convergence (1e-3
+    off), as it was when the ∞-norms ran over the whole batch (three steps, its gradient 1e-4 off)."""
+    X, t, lam = ridge_data(seed=12)
+    w = ridge_closed_form(X, t, lam)[0]
+    _, A = ridge_closed_form(X, t, lam)
+    off = torch.tensor([1e-3, 1e-1, 1e-3, 1e-3], dtype=F64)[:, None, None]
+    approx = torch.linalg.inv(A) * (1 + off)
+    weight = torch.tensor([1.0, 1e-6, 1.0, 1.0], dtype=F64)[:, None]
+    F = lambda w_, X_, t_, l_: (_ridge_grad(w_, X_, t_, l_),)
+    solve_T = lambda v: ((approx @ v[0].unsqueeze(-1)).squeeze(-1),)
+    lam_c = lam.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad((ridge_closed_form(X, t, lam_c)[0] * weight).sum(), lam_c)
+    lam_r = lam.clone().requires_grad_()
+    (wr,) = am.implicit.implicit_root(F, solve_T, (w,), (X, t, lam_r), refine=10, refine_tol=1e-7)
+    (g,) = torch.autograd.grad((wr * weight).sum(), lam_r)
+    assert ((g - g_ref).abs() <= 1e-6 * g_ref.abs()).all()
+
+
 def test_bad_input_errors():
     X, t, lam = ridge_data()
     with pytest.raises(ValueError, match="unknown linear solve"):

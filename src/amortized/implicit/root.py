@@ -220,7 +220,7 @@ class _Implicit(torch.autograd.Function):
                 du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v_d, JTu, strict=False)), precond)
                 u = tuple(ui + di for ui, di in zip(u, du, strict=False))
                 # (not under torch.func's transforms, which cannot branch on a value)
-                if spec.refine_tol and not functorch and _amax(du) <= spec.refine_tol * _amax(u):
+                if spec.refine_tol and not functorch and _converged(du, u, spec.refine_tol):
                     break
         if create_graph:
             # u(y, θ, v) and the final product, differentiable: ys are the saved outputs,
@@ -385,7 +385,7 @@ def implicit_root(
     (∂F/∂y)ᵀ u ≈ v for a tuple v shaped like ys (e.g. from a factorization reused from the
     forward pass). `refine` iterative-refinement steps correct u against the exact
     Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given;
-    they stop early once a correction is ≤ refine_tol times u (∞-norms over all of u).
+    they stop early once every problem's correction is ≤ refine_tol times its u (∞-norms).
     The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
     vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
     (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
@@ -409,10 +409,12 @@ def implicit_root(
     return _Implicit.apply(spec, *ys, *params)[:n_y]
 
 
-def _amax(ts: Sequence[Tensor]) -> float:
-    """max |t| over the tensors ts (one sync)."""
-    maxima = [t.abs().amax() for t in ts if t.numel()]
-    return float(torch.stack(maxima).amax()) if maxima else 0.0
+def _converged(du: Tensors, u: Tensors, tol: float) -> bool:
+    """Whether every problem's correction is ≤ tol times its u (∞-norms per row, so a
+    small problem's slow refinement does not hide under a large one's; one sync)."""
+    if not _flat(u).numel():
+        return True
+    return bool((_flat(du).abs().amax(-1) <= tol * _flat(u).abs().amax(-1)).all())
 
 
 def _flat(ts: Sequence[Tensor]) -> Tensor:
