@@ -128,8 +128,10 @@ def test_factor_of_Q_is_kept_for_the_data_and_their_subsets():
     Q_bad[1] = -Q_bad[1]
     bad = qp_data(Q_bad, p, G, h)[0]
     assert bad.factor_Q(1e-10) is None
+    assert bad.comfortable(1e-10).tolist() == [True, False, True, True]  # problem by problem
     # a subset keeps its batch's answer (the same KKT form), even without the bad problem
     assert bad.index(torch.tensor([0, 2])).factor_Q(1e-10) is None
+    assert bad.index(torch.tensor([1, 2])).comfortable(1e-10).tolist() == [False, True]
 
 
 def _dual_form_kkt(A_rows=None, seed=3):

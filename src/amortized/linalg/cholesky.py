@@ -69,12 +69,10 @@ def shifted_cholesky(Q: Tensor, shift: float | Tensor) -> tuple[Tensor, Tensor]:
     return cholesky(H, overwrite=True)
 
 
-def comfortable_cholesky(Q: Tensor, rho: float) -> Tensor | None:
-    """L = chol(Q + ρI), or None when Q is not comfortably positive definite in every
-    problem: a failed factorization or a smallest pivot below √ε·(1 + max|Q|)."""
+def comfortable_cholesky(Q: Tensor, rho: float) -> tuple[Tensor, Tensor]:
+    """L = chol(Q + ρI) (..., n, n) and (...,) whether Q is comfortably positive definite:
+    factored, with a smallest pivot of at least √ε·(1 + max|Q|)."""
     scale = 1 + inf_norm(Q, (-2, -1))
     L, ok = shifted_cholesky(Q, rho)
     pivot = L.diagonal(dim1=-2, dim2=-1).amin(-1) ** 2
-    if not bool((ok & (pivot >= torch.finfo(Q.dtype).eps ** 0.5 * scale)).all()):
-        return None
-    return L
+    return L, ok & (pivot >= torch.finfo(Q.dtype).eps ** 0.5 * scale)

@@ -91,8 +91,10 @@ def nullspace(d: QPData, active: Tensor, rho: float) -> Nullspace | None:
     N = U[..., q:]
     QY, NtQY, Q_N = QU[..., :q].contiguous(), N.mT @ QU[..., :q], N.mT @ QU[..., q:]
     eye = torch.eye(n - q, dtype=U.dtype, device=U.device)
-    L_N = comfortable_cholesky(Q_N if all_active else torch.where(active[:, None, None], Q_N, eye), rho)
-    if L_N is None:
+    L_N, comfortable = comfortable_cholesky(
+        Q_N if all_active else torch.where(active[:, None, None], Q_N, eye), rho
+    )
+    if not bool(comfortable.all()):
         return None
     ns = Nullspace(U, R, QY, NtQY, d.G @ U[..., :q], None, None, None)
     z_Y, neg_Ut_p, neg_p_N, Gz0 = ns.split(-d.p, d.b)

@@ -47,8 +47,10 @@ class QPData:
         sub = QPData(*(x[idx] for x in (self.Q, self.p, self.G, self.h, self.A, self.b)), sep=sep)
         if "_factors_Q" in vars(self):
             # a subset keeps its batch's answer, None included: the same KKT form throughout
-            factors = {rho: L if L is None else L[idx] for rho, L in vars(self)["_factors_Q"].items()}
-            vars(sub)["_factors_Q"] = factors
+            vars(sub)["_factors_Q"] = {
+                rho: (L if L is None else L[idx], comfortable[idx])
+                for rho, (L, comfortable) in vars(self)["_factors_Q"].items()
+            }
         return sub
 
     def factor_Q(self, rho: float, L: Tensor | None = None) -> Tensor | None:
@@ -58,10 +60,16 @@ class QPData:
         of an active set (the polish, the backward) and the dual form's base all ask."""
         factors = vars(self).setdefault("_factors_Q", {})
         if L is not None:
-            factors[rho] = L
+            factors[rho] = (L, torch.ones(L.shape[0], dtype=torch.bool, device=L.device))
         if rho not in factors:
-            factors[rho] = comfortable_cholesky(self.Q, rho)
-        return factors[rho]
+            L, comfortable = comfortable_cholesky(self.Q, rho)
+            factors[rho] = (L if bool(comfortable.all()) else None, comfortable)
+        return factors[rho][0]
+
+    def comfortable(self, rho: float) -> Tensor:
+        """(B,) whether Q is comfortably positive definite, problem by problem (`factor_Q`)."""
+        self.factor_Q(rho)
+        return vars(self)["_factors_Q"][rho][1]
 
     def to(self, dtype: torch.dtype) -> "QPData":
         """The same data in another dtype."""
