@@ -63,7 +63,8 @@ _REDUCED_MAX_ITER = 25
 # a residual within _ROUNDING·ε of the magnitudes summed in it is zero to working precision
 _ROUNDING = 10
 # how far above eps a polished point may be when what is left in it is that rounding
-_NEAR = 10
+# (float32, |z| ~ 1e3, cond Q ~ 4e3: a dual residual of 12·eps, all of it rounding)
+_NEAR = 100
 # the polish's refinement steps where three are not enough (a large ρ, float32)
 _REFINE_MORE = 10
 

@@ -99,7 +99,7 @@ def solve_qp(
     active-set polish and share the backward.
     eps: relative tolerance (default from the dtype, see `default_eps`): SOLVED means primal
     and dual residuals and gap (∞-norm) are each ≤ eps·(1 + the size of their terms), or,
-    for a polished point within 10·eps, within the rounding error of computing them (a
+    for a polished point within 100·eps, within the rounding error of computing them (a
     float32 problem with |z| ~ 100 cannot read its gap below 3e-6 relative).
     eps_abs: also require each to be ≤ eps_abs in absolute terms (off by default), or, where
     float64 cannot resolve eps_abs, within 10·ε of the magnitudes summed in it (a gap whose
