@@ -353,6 +353,41 @@ def test_implicit_root_refine_tol_holds_for_every_problem():
     assert ((g - g_ref).abs() <= 1e-6 * g_ref.abs()).all()
 
 
+def test_implicit_root_wide_refines_in_float64():
+    """`wide`: for float32 solutions the refinement's residuals are formed in float64 (the
+    product sees float64 data), each correction is solved in float32, and the gradients
+    come back in float32."""
+    X, t, lam = ridge_data(seed=15)
+    lam_c = lam.clone().requires_grad_()
+    (g_ref,) = torch.autograd.grad(ridge_closed_form(X, t, lam_c)[0].sum(), lam_c)
+    X32, t32, lam32 = X.float(), t.float(), lam.float()
+    w32, A32 = (x.float() for x in ridge_closed_form(X, t, lam))
+    approx = torch.linalg.inv(A32) * (1 + 1e-2)  # a solve 1e-2 off
+    seen = []
+
+    def vjp_y(ys, params, u):  # (∂F/∂w)ᵀu = Xᵀ(Xu) + λu, recording the dtype it sees
+        (u_w,), (X_, _, l_) = u, params
+        seen.append(X_.dtype)
+        return ((X_.mT @ (X_ @ u_w.unsqueeze(-1))).squeeze(-1) + l_.unsqueeze(-1) * u_w,)
+
+    for wide in (False, True):
+        seen.clear()
+        lam_r = lam32.clone().requires_grad_()
+        (wr,) = am.implicit.implicit_root(
+            lambda w_, X_, t_, l_: (_ridge_grad(w_, X_, t_, l_),),
+            lambda v: ((approx @ v[0].unsqueeze(-1)).squeeze(-1),),
+            (w32,),
+            (X32, t32, lam_r),
+            refine=4,
+            wide=wide,
+            vjp_y=vjp_y,
+        )
+        (g,) = torch.autograd.grad(wr.sum(), lam_r)
+        assert seen == [torch.float64 if wide else torch.float32] * 4
+        assert g.dtype == torch.float32
+        torch.testing.assert_close(g.double(), g_ref, rtol=1e-4, atol=0)
+
+
 def test_bad_input_errors():
     X, t, lam = ridge_data()
     with pytest.raises(ValueError, match="unknown linear solve"):

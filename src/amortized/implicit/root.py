@@ -111,6 +111,7 @@ class _Spec:
         )
         self.build, self.vjp_y, self.vjp_p = build, vjp_y, vjp_p
         self.refine_tol = 0.0  # refinement stops once a correction is this small relative to u
+        self.wide = False  # refinement residuals in float64 (for float32 solutions)
         # second derivatives: solve_forward(ū) -> w with (∂F/∂y) w = ū, when the caller has a
         # factorization for it; frozen() -> (B,) rows whose gradients are held at zero
         self.solve_forward: Callable[[Tensors], Tensors] | None = None
@@ -186,18 +187,15 @@ class _Implicit(torch.autograd.Function):
         # iteration computes the parameter cotangents it would throw away (for a layer's
         # weights they cost as much as the y-product), and one in θ for the final vjp;
         # closed forms (spec.vjp_y, spec.vjp_p) replace them where given.
-        if spec.vjp_y is None:
-            with torch.enable_grad():
-                _, vjp_y = torch.func.vjp(lambda ys_: F_of(ys_, ps_d), ys_d)
-
-            def matvec(u: Tensors) -> Tensors:  # (∂F/∂y)ᵀ u, per problem
-                return vjp_y(u)[0]
-        else:
-            # the closed forms get detached data, as torch.func.vjp's linearizations do
-            params_d = [p.detach() if isinstance(p, Tensor) else p for p in params]
-
-            def matvec(u: Tensors) -> Tensors:
-                return tuple(spec.vjp_y(ys_d, params_d, u))
+        params_d = [p.detach() if isinstance(p, Tensor) else p for p in params]
+        matvec = _transposed_product(spec, ys_d, params_d, wanted)
+        # mixed precision (`wide`): the refinement's residuals in float64, so that a float32
+        # factor's answer is refined to float32's accuracy, not to cond·ε₃₂
+        wide = spec.wide and not functorch and ys_d[0].dtype != torch.float64
+        matvec_r = matvec
+        if wide:
+            f64 = lambda x: x.double() if isinstance(x, Tensor) and x.is_floating_point() else x
+            matvec_r = _transposed_product(spec, tuple(map(f64, ys_d)), [f64(p) for p in params_d], wanted)
 
         M, single = None, spec.single()
         if spec.apply is not None:
@@ -215,13 +213,17 @@ class _Implicit(torch.autograd.Function):
         v_d = v if functorch else tuple(vi.detach() for vi in v)
         with contextlib.nullcontext() if functorch else torch.no_grad():
             u = tuple(spec.solve(matvec, v_d, precond))
+            # `wide`: u and the residuals in float64, each correction solved in v's dtype
+            up = wide and spec.refine
+            u_r, v_r = (tuple(x.double() for x in u), tuple(x.double() for x in v_d)) if up else (u, v_d)
             for _ in range(spec.refine):
-                JTu = matvec(u)
-                du = spec.solve(matvec, tuple(vi - ji for vi, ji in zip(v_d, JTu, strict=False)), precond)
-                u = tuple(ui + di for ui, di in zip(u, du, strict=False))
+                r = tuple((vi - ji).to(di.dtype) for vi, ji, di in zip(v_r, matvec_r(u_r), v_d, strict=False))
+                du = spec.solve(matvec, r, precond)
+                u_r = tuple(ui + di.to(ui.dtype) for ui, di in zip(u_r, du, strict=False))
                 # (not under torch.func's transforms, which cannot branch on a value)
-                if spec.refine_tol and not functorch and _converged(du, u, spec.refine_tol):
+                if spec.refine_tol and not functorch and _converged(du, u_r, spec.refine_tol):
                     break
+            u = tuple(ui.to(vi.dtype) for ui, vi in zip(u_r, v_d, strict=False))
         if create_graph:
             # u(y, θ, v) and the final product, differentiable: ys are the saved outputs,
             # whose graph leads back to θ through this very Function; integer tensors
@@ -245,6 +247,17 @@ class _Implicit(torch.autograd.Function):
     @staticmethod
     def vmap(info, in_dims, spec, *inputs):
         return _vmap_by_slices(_Implicit, info, in_dims, spec, inputs)
+
+
+def _transposed_product(spec: _Spec, ys: Tensors, params: list, wanted: list[int]) -> Callable:
+    """u ↦ (∂F/∂y)ᵀu at (ys, params), row by row: the closed form spec.vjp_y, or
+    torch.func.vjp of F in y (params detached)."""
+    if spec.vjp_y is not None:
+        return lambda u: tuple(spec.vjp_y(ys, params, u))
+    F_of = _AdjointSpec(spec, params, wanted).F
+    with torch.enable_grad():
+        _, vjp_y = torch.func.vjp(lambda ys_: F_of(ys_, [params[i] for i in wanted]), ys)
+    return lambda u: vjp_y(u)[0]
 
 
 class _AdjointSpec:
@@ -372,6 +385,7 @@ def implicit_root(
     *,
     refine: int = 1,
     refine_tol: float = 0.0,
+    wide: bool = False,
     vjp_y: Callable[[Tensors, list, Tensors], Tensors] | None = None,
     vjp_p: Callable[[Tensors, list, Tensors, list[int]], Sequence[Tensor]] | None = None,
     solve_forward: Callable[[Tensors], Tensors] | None = None,
@@ -386,6 +400,8 @@ def implicit_root(
     forward pass). `refine` iterative-refinement steps correct u against the exact
     Jacobian: (∂F/∂y)ᵀ u from torch.func.vjp of F, or from vjp_y(ys, params, u) when given;
     they stop early once every problem's correction is ≤ refine_tol times its u (∞-norms).
+    `wide`: their residuals in float64 for float32 ys (mixed-precision refinement: the
+    answer then reaches float32's accuracy where cond·ε₃₂ < 1, not cond·ε₃₂).
     The gradients are −uᵀ ∂F/∂θ, likewise from torch.func.vjp of F or from
     vjp_p(ys, params, w, wanted), the list of (∂F/∂θ_i)ᵀw for the indices i in `wanted`
     (shaped like params[i]). Closed forms spare linearizing F through torch.func, most of a
@@ -403,7 +419,7 @@ def implicit_root(
         return inputs[:n_y]
 
     spec = _Spec(run, F, lambda matvec, v, precond: solve_transpose(v), refine, n_y, vjp_y=vjp_y, vjp_p=vjp_p)
-    spec.solve_forward, spec.refine_tol = solve_forward, refine_tol
+    spec.solve_forward, spec.refine_tol, spec.wide = solve_forward, refine_tol, wide
     if frozen is not None:
         spec.frozen = frozen if callable(frozen) else (lambda: frozen)
     return _Implicit.apply(spec, *ys, *params)[:n_y]

@@ -147,8 +147,8 @@ def solve_qp(
     params = [Q, p, G, h, A, b]
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
         params = [x if x is not None and x.numel() else None for x in params]
-        F, vjp_y, vjp_p = _kkt_with_defaults(B, n, p)
         solves = JacobianSolves(r, s, lam, solved)
+        F, vjp_y, vjp_p = _kkt_with_defaults(B, n, p, held=solves.big)
         z, lam, nu = implicit_root(
             F,
             _warn_unsolved(solves.transpose, solved),
@@ -159,8 +159,10 @@ def solve_qp(
             # with float32's ρ ≈ 3e-5 each step gains only 8-10× at (100,100,50) or on an
             # ill-conditioned problem (two steps left gradients 2.8e-3 off): up to six, until
             # a correction is 1e-4 of the answer
-            refine=6 if r.d.p.dtype != torch.float64 else 2 if r.relaxed else 1,
+            refine=12 if r.d.p.dtype != torch.float64 else 2 if r.relaxed else 1,
             refine_tol=1e-4 if r.d.p.dtype != torch.float64 else 0.0,
+            # float32's residuals in float64, as the polish's: cond·ε₃₂ left 1e-3 (cond Q ~ 2e3)
+            wide=r.d.p.dtype != torch.float64,
             vjp_y=vjp_y,
             vjp_p=vjp_p,
             solve_forward=solves.forward,
@@ -244,10 +246,11 @@ def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
     )
 
 
-def _kkt_with_defaults(B: int, n: int, like: Tensor):
-    """kkt_conditions and its closed-form products (ys, params, u) -> (∂F/∂y)ᵀu and
-    (ys, params, w, wanted) -> (∂F/∂θ_i)ᵀw, with absent (None) constraint blocks filled by
-    empty tensors (they are never `wanted`)."""
+def _kkt_with_defaults(B: int, n: int, like: Tensor, held: Tensor | None = None):
+    """kkt_conditions and its closed-form products (ys, params, u) -> (∂F/∂y)ᵀu (with the
+    rows `held` active, see `kkt_transpose_product`) and (ys, params, w, wanted) ->
+    (∂F/∂θ_i)ᵀw, with absent (None) constraint blocks filled by empty tensors (they are
+    never `wanted`)."""
     empty_M, empty_v = like.new_zeros(B, 0, n), like.new_zeros(B, 0)
 
     def filled(Q, p, G, h, A, b):
@@ -261,7 +264,7 @@ def _kkt_with_defaults(B: int, n: int, like: Tensor):
         return kkt_conditions(z, lam, nu, *filled(*params))
 
     def vjp_y(ys, params, u):
-        return kkt_transpose_product(*ys, *filled(*params), u)
+        return kkt_transpose_product(*ys, *filled(*params), u, held)
 
     def vjp_p(ys, params, w, wanted):
         return kkt_parameter_vjp(*ys, filled(*params), w, wanted)
