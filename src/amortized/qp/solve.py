@@ -157,7 +157,8 @@ def solve_qp(
             # in float64 one step takes the factor's ρ = δ ≈ 1e-10 out of the answer (to ρ²),
             # the dense primal form for singular Q (ρ ≈ 1e-7, squared conditioning) two;
             # with float32's ρ ≈ 3e-5 each step gains only 8-10× at (100,100,50) or on an
-            # ill-conditioned problem (two steps left gradients 2.8e-3 off): up to six, until
+            # ill-conditioned problem (two steps left gradients 2.8e-3 off), 2.4× on one just
+            # short of comfortably positive definite (dense primal form): up to twelve, until
             # a correction is 1e-4 of the answer
             refine=12 if r.d.p.dtype != torch.float64 else 2 if r.relaxed else 1,
             refine_tol=1e-4 if r.d.p.dtype != torch.float64 else 0.0,
