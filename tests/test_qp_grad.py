@@ -201,25 +201,31 @@ FLOAT32_HARD_GRADIENTS = {
     # cond Q = 2.6e3, |z| = 370: with float32's factor (ρ ≈ 3e-5) each refinement step of
     # the backward gains about tenfold; two steps left 2.8e-3 relative errors (h), four
     # 4.2e-4; the backward refines until a correction is 1e-4 of the answer
-    "ill_conditioned": (128, 1, 21, 1e-3),
+    "ill_conditioned": ((10, 10), 128, 1, 21, 1e-3),
     # cond Q = 2.6e3 alone in the dense primal form (Q just short of comfortably positive
     # definite): each step gains only 2.4×, six left 2.5e-3; now up to twelve
-    "slow_refinement": (128, 19, 36, 5e-4),
+    "slow_refinement": ((10, 10), 128, 19, 36, 5e-4),
     # a weakly active row (λ = 1.4e-4) and cond Q = 2e3: float32 residuals of the KKT
     # products left 1.0e-3; the backward's residuals are now float64 (mixed precision)
-    "float32_residuals": (128, 29, 113, 1e-4),
+    "float32_residuals": ((10, 10), 128, 29, 113, 1e-4),
     # a weakly active row (λ = 5.8e-6): float64 residuals resolve the float32 rounding left
     # in its slack and amplify it by 1/λ (9.6e-4), unless the row's slack is taken as zero,
     # as in the active-set system the backward factors (2e-7)
-    "weakly_active": (128, 2, 97, 1e-4),
+    "weakly_active": ((10, 10), 128, 2, 97, 1e-4),
+    # tall (20, 60): at μ ≈ 3e-6 a row with slack 6e-4 (inactive) still has λ > s, and the
+    # polish's guess holds it; its first correction dropped that row and another (18 of
+    # the 19 active), cycled and failed, and the interior point, accepted at eps, gave the
+    # row's gradient (37% off, 4.1 with the float64 residuals); it now drops one row at a
+    # time in float32, and the polished point is exact
+    "ambiguous_row": ((20, 60), 64, 1, 37, 1e-4),
 }
 
 
 @pytest.mark.parametrize("case", list(FLOAT32_HARD_GRADIENTS))
 def test_float32_gradients_close_to_float64_on_hard_problems(case):
-    B, seed, k, tol = FLOAT32_HARD_GRADIENTS[case]
-    data = [x[k : k + 1] for x in random_qp(B, 10, 10, 0, generator=torch.Generator().manual_seed(seed))]
-    w = torch.randn(1, 10, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    (n, m), B, seed, k, tol = FLOAT32_HARD_GRADIENTS[case]
+    data = [x[k : k + 1] for x in random_qp(B, n, m, 0, generator=torch.Generator().manual_seed(seed))]
+    w = torch.randn(1, n, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     grads = {}
     for dtype in (torch.float64, torch.float32):
         args = [x.to(dtype).clone().requires_grad_() for x in data[:4]]

@@ -24,20 +24,20 @@ def kkt_conditions(z, lam, nu, Q, p, G, h, A, b) -> tuple[Tensor, Tensor, Tensor
 
 
 def kkt_transpose_product(
-    z, lam, nu, Q, p, G, h, A, b, u, held: Tensor | None = None
+    z, lam, nu, Q, p, G, h, A, b, u, tight: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """(∂F/∂(z, λ, ν))ᵀ u for F = `kkt_conditions` and u = (u_z, u_λ, u_ν), in closed form:
 
     ½(Q + Qᵀ) u_z + Gᵀ(λ∘u_λ) + Aᵀu_ν,    G u_z + (Gz − h)∘u_λ,    A u_z.
 
-    held (B, m): rows held active, whose slack h − Gz is taken as zero, as in the active-set
-    system the backward factors: what is left of it at a solution is rounding, which a
+    tight (B, m): rows the backward's factor holds as equalities (a polished active set),
+    whose slack h − Gz is taken as zero: what is left of it there is rounding, which a
     weakly active row (λ ~ 1e-5) amplifies by 1/λ once the refinement resolves it."""
     u_z, u_lam, u_nu = u
     Q_u = 0.5 * (bmv(Q, u_z) + brmv(Q, u_z))
     Gz_h = bmv(G, z) - h
-    if held is not None:
-        Gz_h = torch.where(held, 0.0, Gz_h)
+    if tight is not None:
+        Gz_h = torch.where(tight, 0.0, Gz_h)
     return Q_u + brmv(G, lam * u_lam) + brmv(A, u_nu), bmv(G, u_z) + Gz_h * u_lam, bmv(A, u_z)
 
 
@@ -103,6 +103,7 @@ class JacobianSolves:
         self.lam = lam
         self.keep = solved.unsqueeze(-1)
         self.absent = torch.isinf(result.D)
+        self.tight = result.D == 0  # rows factored as equalities (a polished active set)
         self.big = lam > s
         eps = torch.finfo(s.dtype).eps
         # the result until the first solve, then only its factor: the result's scaled data

@@ -766,12 +766,12 @@ def _polish(
     done mask."""
     # the dense primal form's ρ, δ are not tiny (see pdipm): more refinement steps remove them
     n_refine = _REFINE_MORE if _relaxed(kkt_args) else 3
-    # a guess with more active rows than unknowns has no unique multipliers: the factor's δ
-    # spreads them, and in float32 (δ ≈ 3e-5) several come out negative, whose dropping
-    # all at once drops active rows and cycles (tall problems); with float64's δ ≈ 1e-10
-    # dropping them all polished degenerate LPs (Maros–Meszaros) more accurately
+    # in float32 the guess holds rows that are not active more often (at μ ≈ 3e-6 a row with
+    # slack 6e-4 still has λ > s), and a guess with more active rows than unknowns has no
+    # unique multipliers (the factor's δ ≈ 3e-5 spreads them): several come out negative,
+    # and dropping them all at once drops active rows too and cycles; with float64's
+    # δ ≈ 1e-10 dropping them all polished degenerate LPs (Maros–Meszaros) more accurately
     one_drop = d.p.dtype != torch.float64
-    _, n, _, q = d.shape
     idx = ready.nonzero().squeeze(-1)
     hard = it.lam[idx] > it.s[idx]
     z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
@@ -789,10 +789,8 @@ def _polish(
         row_tol = eps_m * (1 + sub.h.abs() + Gz.abs())
         drop = hard[todo] & (lam_t < -lam_tol)
         if one_drop:
-            # only the most negative multiplier goes, as in an active-set method, where the
-            # guess has more active rows than unknowns (see one_drop)
-            over = hard[todo].sum(-1, keepdim=True) + q > n
-            drop = drop & (~over | (lam_t <= lam_t.amin(-1, keepdim=True)))
+            # only the most negative multiplier goes, as in an active-set method
+            drop = drop & (lam_t <= lam_t.amin(-1, keepdim=True))
         add = ~hard[todo] & (Gz - sub.h > row_tol)
         wrong = (drop | add).any(-1)
         z[todo], lam[todo], nu[todo] = z_t, lam_t, nu_t

@@ -148,7 +148,7 @@ def solve_qp(
     if torch.is_grad_enabled() and any(isinstance(x, Tensor) and x.requires_grad for x in params):
         params = [x if x is not None and x.numel() else None for x in params]
         solves = JacobianSolves(r, s, lam, solved)
-        F, vjp_y, vjp_p = _kkt_with_defaults(B, n, p, held=solves.big)
+        F, vjp_y, vjp_p = _kkt_with_defaults(B, n, p, tight=solves.tight)
         z, lam, nu = implicit_root(
             F,
             _warn_unsolved(solves.transpose, solved),
@@ -247,9 +247,9 @@ def _replace_nonfinite(d: QPData, finite: Tensor) -> QPData:
     )
 
 
-def _kkt_with_defaults(B: int, n: int, like: Tensor, held: Tensor | None = None):
+def _kkt_with_defaults(B: int, n: int, like: Tensor, tight: Tensor | None = None):
     """kkt_conditions and its closed-form products (ys, params, u) -> (∂F/∂y)ᵀu (with the
-    rows `held` active, see `kkt_transpose_product`) and (ys, params, w, wanted) ->
+    rows `tight`, see `kkt_transpose_product`) and (ys, params, w, wanted) ->
     (∂F/∂θ_i)ᵀw, with absent (None) constraint blocks filled by empty tensors (they are
     never `wanted`)."""
     empty_M, empty_v = like.new_zeros(B, 0, n), like.new_zeros(B, 0)
@@ -265,7 +265,7 @@ def _kkt_with_defaults(B: int, n: int, like: Tensor, held: Tensor | None = None)
         return kkt_conditions(z, lam, nu, *filled(*params))
 
     def vjp_y(ys, params, u):
-        return kkt_transpose_product(*ys, *filled(*params), u, held)
+        return kkt_transpose_product(*ys, *filled(*params), u, tight)
 
     def vjp_p(ys, params, w, wanted):
         return kkt_parameter_vjp(*ys, filled(*params), w, wanted)
