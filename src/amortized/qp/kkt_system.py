@@ -337,6 +337,7 @@ class KKT:
         refine: int = 1,
         until_noise: bool = False,
         wide: bool = False,
+        converged: bool = False,
     ):
         """(x, y_i, y_e), refined `refine` times against the exact operator. `until_noise`:
         stop earlier once every problem's next correction is at the noise floor of
@@ -348,7 +349,9 @@ class KKT:
         would only confirm it is skipped. Not with `wide`, whose float64 residuals resolve
         far below 100 ε₃₂: there the last correction itself must be that small.
         `wide`: residuals and sums in float64 (mixed-precision refinement), so a float32
-        factor gives answers accurate to float32 where cond·ε₃₂ < 1, not cond·ε₃₂."""
+        factor gives answers accurate to float32 where cond·ε₃₂ < 1, not cond·ε₃₂.
+        `converged` (with until_noise): also return (B,) whether each problem's refinement
+        reached that noise floor (not, where it contracts too slowly for `refine` steps)."""
         x, y_i, y_e = self._solve_once(r1, r_i, r_e)
         tol = 100 * torch.finfo(r1.dtype).eps
         dtype, d = r1.dtype, self.d
@@ -359,6 +362,7 @@ class KKT:
         predict = until_noise and not mixed
         # the last correction's size: the first solve's, as a correction from zero
         last = _relative(x, y_i, y_e, x, y_i, y_e) if predict and refine else None
+        following = None
         for _ in range(refine):
             a1, a_i, a_e = self.apply(x, y_i, y_e, d)
             res = (r1 - a1, r_i - a_i, r_e - a_e)
@@ -372,7 +376,10 @@ class KKT:
                     last = corr
                 if bool((following <= tol).all()):
                     break
-        return x.to(dtype), y_i.to(dtype), y_e.to(dtype)
+        out = x.to(dtype), y_i.to(dtype), y_e.to(dtype)
+        if not converged:
+            return out
+        return *out, torch.ones_like(x[..., 0], dtype=torch.bool) if following is None else following <= tol
 
 
 def _relative(dx: Tensor, dy_i: Tensor, dy_e: Tensor, x: Tensor, y_i: Tensor, y_e: Tensor) -> Tensor:

@@ -196,16 +196,17 @@ class Residuals:
         rounding error of computing it, whichever is larger: a gap of terms 1e8 has no
         digits below 1e-8 in float64 (see `rounding_floor`).
 
-        `polished` points (the exact solution of an active set's equality-constrained QP,
-        λ = 0 off it) have no complementarity left to converge: what remains in them is
-        rounding. There the relative test also passes, within _NEAR·eps, where each of
-        primal, dual and gap is within `rounding_floor(inherited=True)`: in float32 a
-        problem with |z| ~ 100 has no digits below 3e-6 relative in its gap, and the
-        iterations would chase them to max_iter."""
+        `polished` points, (B,) or all (the exact solution of an active set's equality-
+        constrained QP, λ = 0 off it, its refinement at its noise floor) have no
+        complementarity left to converge: what remains in them is rounding. There the
+        relative test also passes, within _NEAR·eps, where each of primal, dual and gap is
+        within `rounding_floor(inherited=True)`: in float32 a problem with |z| ~ 100 has no
+        digits below 3e-6 relative in its gap, and the iterations would chase them to
+        max_iter."""
         rel = self.relative
         ok = rel <= eps
-        if polished:
-            near = ~ok & (rel <= _NEAR * eps)
+        if polished is not False:
+            near = ~ok & (rel <= _NEAR * eps) & polished
             if bool(near.any()):  # rare: only then pay for the floor
                 floor = self.rounding_floor(inherited=True)
                 within = ((self._worst <= eps * (1 + self._scale)) | (self._worst <= floor)).all(0)
@@ -776,12 +777,13 @@ def _polish(
     hard = it.lam[idx] > it.s[idx]
     z, lam, nu = it.z[idx], torch.zeros_like(hard, dtype=it.s.dtype), it.nu[idx]
     factored = torch.zeros_like(idx, dtype=torch.bool)
+    exact = torch.zeros_like(factored)  # refined to the noise floor
     eps_m = 10 * torch.finfo(d.p.dtype).eps
     d_r, args_r = _subset(d, kkt_args, idx)
     todo = torch.arange(len(idx), device=idx.device)  # positions in idx still to (re)solve
     for _ in range(3):
         sub, args = _subset(d_r, args_r, todo)
-        z_t, lam_t, nu_t, solved = _active_set_solve(sub, args, hard[todo], n_refine)
+        z_t, lam_t, nu_t, solved, exact[todo] = _active_set_solve(sub, args, hard[todo], n_refine)
         Gz = sub.Gx(z_t)
         # an active set is right when its multipliers are ≥ 0 and the dropped rows hold,
         # to rounding: near-degenerate rows (s, λ both small) are often guessed wrong
@@ -806,7 +808,7 @@ def _polish(
 
     def candidate() -> tuple[Iterate, Tensor]:
         cand = Iterate(z, (d_r.h - d_r.Gx(z)).clamp(min=0), torch.where(hard, lam, 0.0).clamp(min=0), nu)
-        return cand, factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs, polished=True)
+        return cand, factored & Residuals(d_r, cand, sc.index(idx)).meets(eps, eps_abs, polished=exact)
 
     cand, ok = candidate()
     if n_refine < _REFINE_MORE and d.p.dtype != torch.float64:
@@ -815,7 +817,7 @@ def _polish(
         again = (factored & ~ok).nonzero().squeeze(-1)
         if len(again):
             sub, args = _subset(d_r, args_r, again)
-            z[again], lam[again], nu[again], factored[again] = _active_set_solve(
+            z[again], lam[again], nu[again], factored[again], exact[again] = _active_set_solve(
                 sub, args, hard[again], _REFINE_MORE
             )
             cand, ok = candidate()
@@ -828,15 +830,17 @@ def _polish(
 
 def _active_set_solve(
     d: QPData, kkt_args: dict, hard: Tensor, refine: int
-) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """z (B, n), λ (B, m), ν (B, q) of the QPs d with the rows `hard` (B, m) as equalities
-    and the others dropped, and the factorization's ok flags (B,)."""
+    and the others dropped, the factorization's ok flags (B,), and (B,) whether the
+    refinement reached its noise floor (the answer is then exact to rounding)."""
     D = torch.zeros_like(hard, dtype=d.p.dtype).masked_fill(~hard, torch.inf)
     kkt = KKT(d, D, active_set=True, **kkt_args)  # D: 0 equality, ∞ dropped
     # ρ(z − z_k) in the factor is a proximal term; refinement removes it (handles singular Q)
     # in float64 residuals: a float32 polish would otherwise stop at cond·ε₃₂ (ill-
     # conditioned Q, large z), fail its check, and leave the problem to the iterations
-    return *kkt.solve(-d.p, d.h, d.b, refine=refine, until_noise=True, wide=True), kkt.ok
+    z, lam, nu, exact = kkt.solve(-d.p, d.h, d.b, refine=refine, until_noise=True, wide=True, converged=True)
+    return z, lam, nu, kkt.ok, exact
 
 
 def _subset(d: QPData, kkt_args: dict, idx: Tensor) -> tuple[QPData, dict]:
