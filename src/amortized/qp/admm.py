@@ -23,6 +23,7 @@ from torch import Tensor
 
 from amortized.linalg import bmv, brmv, cholesky, cholesky_solve
 from amortized.qp.pdipm import (
+    DEFAULT_MAX_ITER,
     INFEASIBLE,
     MAX_ITER,
     NUMERICAL,
@@ -40,10 +41,8 @@ from amortized.qp.pdipm import (
 )
 from amortized.qp.problem import QPData
 
-# failed polishes at a stall before the interior point method takes a problem over, and
-# its most iterations there (its default)
+# failed polishes at a stall before the interior point method takes a problem over
 _HANDOVER = 2
-_HANDOVER_MAX_ITER = 100
 
 
 def admm(
@@ -166,7 +165,7 @@ def admm(
     D = torch.where(polished.unsqueeze(-1), D_polish, torch.where(it.lam > it.s, 0.0, torch.inf))
     # the interior point method's own budget, within what each has left of max_iter (one
     # call per budget; the iterations reported are both solvers'); none left: MAX_ITER
-    budget = (max_iter - iters).clamp(max=_HANDOVER_MAX_ITER)
+    budget = (max_iter - iters).clamp(max=DEFAULT_MAX_ITER)
     for b in budget[handover & (budget > 0)].unique().tolist():
         idx = (handover & (budget == b)).nonzero().squeeze(-1)
         f = pdipm(orig.index(idx), active[idx], eps=eps, eps_abs=eps_abs, max_iter=b, scale=scale)

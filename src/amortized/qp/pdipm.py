@@ -67,6 +67,8 @@ _ROUNDING = 10
 _NEAR = 100
 # the polish's refinement steps where three are not enough (a large ρ, float32)
 _REFINE_MORE = 10
+# the iteration budget when the caller gives none
+DEFAULT_MAX_ITER = 100
 
 
 def _amax(x: Tensor) -> Tensor:

@@ -11,7 +11,7 @@ from amortized.linalg import bmv
 from amortized.qp.admm import admm
 from amortized.qp.elastic import elastic_qp, split_elastic
 from amortized.qp.kkt import JacobianSolves, kkt_conditions, kkt_parameter_vjp, kkt_transpose_product
-from amortized.qp.pdipm import pdipm
+from amortized.qp.pdipm import DEFAULT_MAX_ITER, pdipm
 from amortized.qp.problem import QPData, check_convex, qp_data
 from amortized.qp.status import QPStatus
 
@@ -51,7 +51,7 @@ class QPSolution:
 
 
 # forward solvers: (function, default max_iter); every one returns a PDIPMResult
-SOLVERS = {"pdipm": (pdipm, 100), "admm": (admm, 4000)}
+SOLVERS = {"pdipm": (pdipm, DEFAULT_MAX_ITER), "admm": (admm, 4000)}
 
 
 def default_eps(dtype: torch.dtype) -> float:
